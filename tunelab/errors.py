@@ -1,0 +1,52 @@
+"""User-facing errors. Every error a user can cause is a TunelabError: the CLI prints its message and
+exits with its code, never a traceback."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class TunelabError(Exception):
+    """An error caused by input or configuration; `exit_code` is what the CLI exits with."""
+
+    exit_code: int = 1
+
+    def __init__(self, message: str, exit_code: int | None = None) -> None:
+        super().__init__(message)
+        self.message = message
+        if exit_code is not None:
+            self.exit_code = exit_code
+
+
+class ConfigError(TunelabError):
+    exit_code = 2
+
+
+@dataclass(frozen=True)
+class Issue:
+    """One problem found in a data file. `line` is 1-based; `field` is a JSON path like messages[2].role."""
+
+    file: str
+    line: int | None
+    field: str | None
+    message: str
+    severity: str = "error"  # "error" | "warning"
+
+    def __str__(self) -> str:
+        where = self.file
+        if self.line is not None:
+            where += f":{self.line}"
+        if self.field:
+            where += f" [{self.field}]"
+        return f"{where}: {self.severity}: {self.message}"
+
+
+class DataError(TunelabError):
+    """Bad data: carries every issue found so the user can fix them all in one pass."""
+
+    def __init__(self, issues: list[Issue], header: str = "invalid data") -> None:
+        errors = [i for i in issues if i.severity == "error"]
+        shown = "\n".join(f"  {i}" for i in errors[:50])
+        more = f"\n  ... and {len(errors) - 50} more" if len(errors) > 50 else ""
+        super().__init__(f"{header}: {len(errors)} error(s)\n{shown}{more}", exit_code=1)
+        self.issues = issues
