@@ -1,0 +1,135 @@
+"""Render conversations with the tokenizer's chat template and build label masks.
+
+Loss falls on assistant tokens only by default (`train_on`), honouring per-message `weight`, and each trained
+assistant turn includes its end-of-turn token so the fine-tuned model learns to stop. The mask is computed
+on characters (where each assistant turn sits in the rendered text) and mapped to tokens with the fast
+tokenizer's offsets, so it works for any template that renders a conversation prefix as a text prefix.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from tunelab.data.records import Conversation, Message
+from tunelab.errors import TunelabError
+
+IGNORE_INDEX = -100
+
+
+@dataclass(frozen=True, slots=True)
+class Encoded:
+    input_ids: list[int]
+    labels: list[int]  # aligned with input_ids (not shifted); IGNORE_INDEX where not trained
+    truncated: bool = False
+    full_length: int = 0
+
+    @property
+    def num_trained(self) -> int:
+        return sum(1 for x in self.labels if x != IGNORE_INDEX)
+
+
+def with_system_prompt(conv: Conversation, system_prompt: str | None) -> list[Message]:
+    msgs = list(conv.messages)
+    if system_prompt and not any(m.role in ("system", "developer") for m in msgs):
+        msgs.insert(0, Message("system", system_prompt))
+    return msgs
+
+
+def _render(tok: Any, msgs: list[dict[str, Any]], gen_prompt: bool = False) -> str:
+    try:
+        out = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+    except Exception as e:  # jinja errors: e.g. a template that rejects a role
+        raise TunelabError(f"the chat template could not render a conversation: {e}") from e
+    return str(out)
+
+
+def _end_of_turn(tok: Any, text: str, start: int, end: int) -> int:
+    """Trim a span so it ends right after the end-of-turn token (the trailing newline is not trained)."""
+    eos = tok.eos_token
+    if eos:
+        k = text.rfind(eos, start, end)
+        if k >= 0:
+            return k + len(eos)
+    return end
+
+
+def assistant_spans(tok: Any, msgs: list[Message], train_on: str) -> tuple[str, list[tuple[int, int]]]:
+    """Rendered text and the character spans [start, end) to train on."""
+    dicts = [m.template_dict() for m in msgs]
+    full = _render(tok, dicts)
+    if train_on == "all":
+        return full, [(0, len(full))]
+    idx = [i for i, m in enumerate(msgs) if m.role == "assistant"]
+    if train_on == "last_assistant":
+        idx = idx[-1:]
+    idx = [i for i in idx if msgs[i].weight is None or msgs[i].weight > 0]
+    spans: list[tuple[int, int]] = []
+    cursor = 0
+    for i in idx:
+        prefix = _render(tok, dicts[:i], gen_prompt=True) if i > 0 else None
+        upto = _render(tok, dicts[: i + 1])
+        if prefix is not None and full.startswith(upto) and upto.startswith(prefix):
+            start, end = len(prefix), len(upto)
+        else:
+            # Template is not prefix-stable (e.g. it rewrites earlier turns): find the content itself.
+            start = full.find(msgs[i].content, cursor)
+            if start < 0:
+                raise TunelabError("cannot locate an assistant turn in the rendered chat template output")
+            end = start + len(msgs[i].content)
+            eos = tok.eos_token
+            k = full.find(eos, end) if eos else -1
+            end = k + len(eos) if k >= 0 else end
+        end = _end_of_turn(tok, full, start, end)
+        spans.append((start, end))
+        cursor = end
+    return full, spans
+
+
+def encode(
+    tok: Any,
+    conv: Conversation,
+    *,
+    train_on: str = "assistant",
+    max_len: int | None = None,
+    system_prompt: str | None = None,
+) -> Encoded:
+    msgs = with_system_prompt(conv, system_prompt)
+    text, spans = assistant_spans(tok, msgs, train_on)
+    enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
+    ids: list[int] = list(enc["input_ids"])
+    offsets: list[tuple[int, int]] = [tuple(o) for o in enc["offset_mapping"]]
+    labels = [IGNORE_INDEX] * len(ids)
+    si = 0
+    for j, (a, b) in enumerate(offsets):
+        if b <= a:  # zero-width (some special tokens): attribute to its start position
+            b = a + 1
+        while si < len(spans) and spans[si][1] <= a:
+            si += 1
+        if si < len(spans) and spans[si][0] <= a < spans[si][1]:
+            labels[j] = ids[j]
+    full_len = len(ids)
+    truncated = max_len is not None and full_len > max_len
+    if truncated:
+        assert max_len is not None
+        ids, labels = ids[:max_len], labels[:max_len]
+    return Encoded(ids, labels, truncated, full_len)
+
+
+def encode_prompt(tok: Any, messages: list[Message], system_prompt: str | None = None) -> list[int]:
+    """Token ids of a prompt ready for generation (ends with the assistant header)."""
+    msgs = with_system_prompt(Conversation(tuple(messages)), system_prompt)
+    text = _render(tok, [m.template_dict() for m in msgs], gen_prompt=True)
+    return list(tok(text, add_special_tokens=False)["input_ids"])
+
+
+def preview(tok: Any, conv: Conversation, train_on: str = "assistant", system_prompt: str | None = None) -> Any:
+    """A rich Text of the rendered example with trained tokens highlighted."""
+    from rich.text import Text
+
+    enc = encode(tok, conv, train_on=train_on, system_prompt=system_prompt)
+    out = Text()
+    for tid, lab in zip(enc.input_ids, enc.labels, strict=True):
+        piece = tok.decode([tid])
+        out.append(piece, style="bold green on grey11" if lab != IGNORE_INDEX else "dim")
+    return out
