@@ -1,0 +1,59 @@
+"""Batch encoded examples for causal-LM training.
+
+`pack` is padding-free: the micro-batch becomes one row, examples back to back, with per-example position ids
+(restarting at 0). transformers derives a block-diagonal causal mask from those position ids, so no token
+attends across examples, and no compute is spent on padding. `pad` is the classic right-padded batch.
+
+Both return `targets`: for each kept position t the token at t+1 (only positions whose next token is trained
+are kept), and `keep`, the indices of those positions, so the LM head runs only where a loss is taken.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tunelab.data.templates import IGNORE_INDEX, Encoded
+
+
+def _shifted(labels: list[int]) -> list[int]:
+    return labels[1:] + [IGNORE_INDEX]
+
+
+def pack(items: list[Encoded]) -> dict[str, torch.Tensor]:
+    ids: list[int] = []
+    pos: list[int] = []
+    tgt: list[int] = []
+    for it in items:
+        ids.extend(it.input_ids)
+        pos.extend(range(len(it.input_ids)))
+        tgt.extend(_shifted(it.labels))
+    targets = torch.tensor(tgt, dtype=torch.long)
+    keep = (targets != IGNORE_INDEX).nonzero().squeeze(-1)
+    return {
+        "input_ids": torch.tensor([ids], dtype=torch.long),
+        "position_ids": torch.tensor([pos], dtype=torch.long),
+        "keep": keep,
+        "targets": targets[keep],
+        "num_tokens": torch.tensor(len(ids)),
+    }
+
+
+def pad(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    width = max(len(it.input_ids) for it in items)
+    ids = torch.full((len(items), width), pad_id, dtype=torch.long)
+    mask = torch.zeros((len(items), width), dtype=torch.long)
+    tgt = torch.full((len(items), width), IGNORE_INDEX, dtype=torch.long)
+    for i, it in enumerate(items):
+        n = len(it.input_ids)
+        ids[i, :n] = torch.tensor(it.input_ids)
+        mask[i, :n] = 1
+        tgt[i, :n] = torch.tensor(_shifted(it.labels))
+    flat = tgt.view(-1)
+    keep = (flat != IGNORE_INDEX).nonzero().squeeze(-1)  # indices into the flattened (B*L) logits
+    return {
+        "input_ids": ids,
+        "attention_mask": mask,
+        "keep_flat": keep,
+        "targets": flat[keep],
+        "num_tokens": mask.sum(),
+    }

@@ -1,0 +1,111 @@
+"""Checkpoints: written atomically (temporary folder, then rename), so a run killed at any moment -- even
+with `kill -9` mid-write -- leaves only complete checkpoints behind. Each holds the trainable weights
+(PEFT adapter or full model), optimizer, scheduler, RNG states, loop state (data position) and the config.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+import re
+import shutil
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+CKPT_RE = re.compile(r"^step-(\d+)$")
+
+
+def save_weights(model: Any, out: Path, tokenizer: Any | None = None) -> None:
+    """PEFT models save adapter_config.json + adapter_model.safetensors; full models a whole HF folder."""
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out, safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(out)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+def write_checkpoint(
+    run_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any, loop_state: dict[str, Any],
+    config_yaml: str, weights_name: str, keep: int,
+) -> Path:
+    ckpts = run_dir / "checkpoints"
+    ckpts.mkdir(parents=True, exist_ok=True)
+    final = ckpts / f"step-{step:06d}"
+    tmp = ckpts / f".tmp-step-{step:06d}"
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    tmp.mkdir()
+    save_weights(model, tmp / weights_name)
+    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
+    torch.save(rng_state(), tmp / "rng.pt")
+    (tmp / "state.json").write_text(json.dumps(loop_state, indent=1))
+    (tmp / "config.yaml").write_text(config_yaml)
+    if final.exists():
+        shutil.rmtree(final)
+    tmp.rename(final)  # the commit point
+    rotate(ckpts, keep, protect=loop_state.get("best_step"))
+    return final
+
+
+def list_checkpoints(run_dir: Path) -> list[Path]:
+    d = run_dir / "checkpoints"
+    if not d.is_dir():
+        return []
+    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CKPT_RE.match(p.name)) and (p / "state.json").exists()]
+    return [p for _, p in sorted(found)]
+
+
+def rotate(ckpts: Path, keep: int, protect: int | None = None) -> None:
+    for leftover in ckpts.glob(".tmp-step-*"):  # from a run killed mid-write
+        shutil.rmtree(leftover, ignore_errors=True)
+    done = list_checkpoints(ckpts.parent)
+    for p in done[:-keep]:
+        if protect is not None and p.name == f"step-{protect:06d}":
+            continue
+        shutil.rmtree(p, ignore_errors=True)
+
+
+def load_checkpoint(path: Path) -> tuple[dict[str, Any], Any, Any, dict[str, Any]]:
+    """(loop_state, optimizer_state, scheduler_state, rng_state)."""
+    state = json.loads((path / "state.json").read_text())
+    opt = torch.load(path / "optimizer.pt", weights_only=False)
+    sch = torch.load(path / "scheduler.pt", weights_only=False)
+    rng = torch.load(path / "rng.pt", weights_only=False)
+    return state, opt, sch, rng
+
+
+def load_weights_into(model: Any, path: Path) -> None:
+    """Load trainable weights saved by save_weights back into a live (possibly PEFT-wrapped) model."""
+    from safetensors.torch import load_file
+
+    if (path / "adapter_model.safetensors").exists():
+        from peft import set_peft_model_state_dict
+
+        set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
+        return
+    files = sorted(path.glob("*.safetensors"))
+    sd: dict[str, torch.Tensor] = {}
+    for f in files:
+        sd.update(load_file(str(f)))
+    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing = [k for k in missing if "lm_head" not in k]
+    if missing or unexpected:
+        raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:3]} unexpected {unexpected[:3]}")

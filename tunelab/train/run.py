@@ -1,0 +1,290 @@
+"""`tunelab train`: from a validated RunConfig to a finished run folder.
+
+Sets up everything around the loop (data validation and encoding, model and adapters, optimizer, schedule,
+resume, tracking, outputs) and hands over to `tunelab.train.loop.run_loop`.
+
+A run folder holds: config.yaml (resolved), manifest.json (hashes, versions, seed), metrics.jsonl, loss.png,
+state.json, tokenizer/, adapter/ (PEFT format) or model/ (full fine-tuning), checkpoints/step-N/.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import importlib
+import json
+import math
+import platform
+import random
+import shutil
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from tunelab.config import RunConfig, dump_config
+from tunelab.data.readers import read_records
+from tunelab.data.records import Record
+from tunelab.data.validate import validate_file
+from tunelab.errors import DataError, TunelabError
+from tunelab.model.adapters import apply_finetune
+from tunelab.model.loading import bf16_supported, describe_parameters, load_model
+from tunelab.train import checkpoint as ckpt
+from tunelab.train.loop import LoopContext, LoopState, Method, NonFiniteLoss, lr_lambda, plan_steps, run_loop
+from tunelab.train.tracking import Tracker, plot_loss
+
+# method name -> "module:Class". Each method is one readable file over the shared loop.
+METHODS: dict[str, str] = {
+    "sft": "tunelab.train.sft:SFT",
+}
+
+
+def method_class(name: str) -> type[Method]:
+    if name not in METHODS:
+        raise TunelabError(f"unknown method {name!r} (available: {', '.join(sorted(METHODS))})", 2)
+    mod, cls = METHODS[name].split(":")
+    klass = getattr(importlib.import_module(mod), cls)
+    assert issubclass(klass, Method)
+    return klass
+
+
+@dataclass
+class RunResult:
+    run_dir: Path
+    state: LoopState
+    final_valid: dict[str, float]
+
+
+def sha256_file(p: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(p, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _load_split(path: str, expect: str, max_seq_len: int, tok: Any, console: Any) -> list[Record]:
+    """The same validation as `tunelab data validate`; errors refuse the run, warnings are summarised."""
+    rep = validate_file(path, tok, max_seq_len, expect=expect)
+    if rep.errors:
+        raise DataError(rep.issues, header=f"{path}: invalid data (run `tunelab data validate {path}`)")
+    if rep.warnings and console is not None:
+        console.print(f"[yellow]{path}: {len(rep.warnings)} warning(s)[/yellow] (e.g. {rep.warnings[0]})")
+    return read_records(path, expect=expect)
+
+
+def load_data(cfg: RunConfig, expect: str, tok: Any, console: Any) -> tuple[list[Record], list[Record]]:
+    d = cfg.data
+    train = _load_split(d.train, expect, d.max_seq_len, tok, console)
+    valid = _load_split(d.validation, expect, d.max_seq_len, tok, console) if d.validation else []
+    if not valid and d.validation_fraction > 0:
+        from tunelab.data.convert import split_records
+
+        train, valid = split_records(train, (1 - d.validation_fraction, d.validation_fraction), seed=cfg.train.seed)
+    if d.mix is not None:
+        general = read_records(d.mix.path, expect=expect)
+        # fraction f of the final training set comes from the general data: g = f / (1 - f) * n
+        want = round(d.mix.fraction / (1 - d.mix.fraction) * len(train))
+        rng = random.Random(cfg.train.seed)
+        picks = rng.sample(general, want) if want <= len(general) else [rng.choice(general) for _ in range(want)]
+        train = train + picks
+    return train, valid
+
+
+def _encode_all(method: Method, records: list[Record], what: str, console: Any) -> list[Any]:
+    items = [method.encode(r) for r in records]
+    kept = [i for i in items if i is not None]
+    dropped = len(items) - len(kept)
+    if dropped and console is not None:
+        console.print(f"[yellow]{what}: {dropped} example(s) have no trained tokens after truncation; skipped[/yellow]")
+    truncated = sum(1 for i in kept if getattr(i, "truncated", False))
+    if truncated and console is not None:
+        console.print(f"[yellow]{what}: {truncated} example(s) truncated to max_seq_len[/yellow]")
+    return kept
+
+
+def build_optimizer(cfg: RunConfig, model: Any, console: Any) -> torch.optim.Optimizer:
+    decay, no_decay = [], []
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            (no_decay if p.ndim < 2 or "norm" in n.lower() or n.endswith(".bias") else decay).append(p)
+    groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    wants_paged = cfg.train.optimizer == "paged_adamw" or cfg.finetune == "qlora"
+    if wants_paged and torch.cuda.is_available():
+        import bitsandbytes as bnb
+
+        return bnb.optim.PagedAdamW(groups, lr=cfg.train.lr)
+    if cfg.train.optimizer == "paged_adamw" and console is not None:
+        console.print("[dim]notice: paged AdamW needs CUDA unified memory; using plain AdamW on this device[/dim]")
+    return torch.optim.AdamW(groups, lr=cfg.train.lr, fused=False)
+
+
+def write_manifest(run_dir: Path, cfg: RunConfig, config_yaml: str) -> None:
+    import accelerate
+    import peft
+    import transformers
+
+    import tunelab
+
+    files = {k: v for k, v in {"train": cfg.data.train, "validation": cfg.data.validation, "test": cfg.data.test,
+                                "mix": cfg.data.mix.path if cfg.data.mix else None}.items() if v}
+    manifest = {
+        "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+        "seed": cfg.train.seed,
+        "config_sha256": hashlib.sha256(config_yaml.encode()).hexdigest(),
+        "data": {k: {"path": v, "sha256": sha256_file(v)} for k, v in files.items()},
+        "versions": {"tunelab": tunelab.__version__, "torch": torch.__version__, "transformers": transformers.__version__,
+                     "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()},
+        "command": " ".join(sys.argv),
+    }
+    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+
+
+def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
+    run_dir = Path(cfg.output_dir)
+    existing = run_dir.exists() and any(run_dir.iterdir())
+    if existing and not resume:
+        if not overwrite:
+            raise TunelabError(
+                f"{run_dir} already holds a run; continue it with `tunelab train --resume {run_dir}`, "
+                "pick another output_dir, or pass --overwrite to replace it", 2)
+        shutil.rmtree(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir
+
+
+def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, console: Any = None,
+          show_progress: bool = True) -> RunResult:
+    from accelerate import Accelerator
+    from accelerate.utils import set_seed
+
+    accelerator = Accelerator()
+    is_main = accelerator.is_main_process
+    con = console if is_main else None
+    run_dir = prepare_run_dir(cfg, resume, overwrite) if is_main else Path(cfg.output_dir)
+    accelerator.wait_for_everyone()
+    set_seed(cfg.train.seed)
+    klass = method_class(cfg.method)
+
+    # Model first: validation needs the real tokenizer and chat template.
+    full = cfg.finetune == "full"
+    dtype = "fp32" if full and cfg.model.dtype == "auto" else cfg.model.dtype  # full FT keeps fp32 masters
+    model, tok = load_model(cfg.model.name, dtype=dtype, load_in_4bit=cfg.finetune == "qlora",
+                            double_quant=cfg.model.double_quant, trust_remote_code=cfg.model.trust_remote_code,
+                            gguf_file=cfg.model.gguf_file, device=None if cfg.finetune == "qlora" else str(accelerator.device))
+    method = klass(cfg, tok)
+    train_recs, valid_recs = load_data(cfg, method.expect, tok, con)
+    train_items = _encode_all(method, train_recs, "train", con)
+    valid_items = _encode_all(method, valid_recs, "validation", con)
+    if cfg.train.eval_max_examples:
+        valid_items = valid_items[: cfg.train.eval_max_examples]
+    if not train_items:
+        raise TunelabError(f"{cfg.data.train}: no trainable examples", 1)
+    steps_per_epoch, total_steps = plan_steps(cfg, len(train_items), accelerator.num_processes)
+
+    model = apply_finetune(
+        model, cfg.finetune, cfg.lora, total_steps=total_steps, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    if con is not None:
+        con.print(f"[bold]{cfg.model.name}[/bold] · {cfg.finetune} · {cfg.method} · {describe_parameters(model)}")
+    bf16 = (cfg.model.dtype in ("auto", "bf16")) and bf16_supported(accelerator.device)
+    optimizer = build_optimizer(cfg, model, con)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    model, optimizer = accelerator.prepare(model, optimizer)
+
+    config_yaml = dump_config(cfg)
+    ctx = LoopContext(cfg=cfg, run_dir=run_dir, model=model, tokenizer=tok, accelerator=accelerator, method=method,
+                      train_items=train_items, valid_items=valid_items, total_steps=total_steps,
+                      steps_per_epoch=steps_per_epoch, optimizer=optimizer, scheduler=scheduler,
+                      weights_name="adapter" if cfg.uses_adapter else "model", config_yaml=config_yaml,
+                      console=con, bf16=bf16)
+    found = ckpt.list_checkpoints(run_dir) if resume else []
+    if found:
+        state, opt_sd, sch_sd, rng = ckpt.load_checkpoint(found[-1])
+        ckpt.load_weights_into(ctx.unwrap(), found[-1] / ctx.weights_name)
+        optimizer.load_state_dict(opt_sd)
+        scheduler.load_state_dict(sch_sd)
+        ckpt.set_rng_state(rng)
+        ctx.state = LoopState(**state)
+        if con is not None:
+            con.print(f"resuming from {found[-1]} (step {ctx.state.step}/{total_steps})")
+    elif is_main:
+        (run_dir / "config.yaml").write_text(config_yaml)
+        write_manifest(run_dir, cfg, config_yaml)
+        tok.save_pretrained(run_dir / "tokenizer")
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    ctx.tracker = Tracker(run_dir, list(cfg.track), cfg.model_dump(mode="json"), cfg.mlflow_uri, enabled=is_main)
+    method.setup(ctx)
+    try:
+        with _progress(con, show_progress) as progress:
+            run_loop(ctx, progress)
+    except NonFiniteLoss as e:
+        last = ckpt.list_checkpoints(run_dir)
+        where = f"the last good checkpoint is {last[-1]}" if last else "no checkpoint had been written yet"
+        raise TunelabError(f"{e.message}; training stopped and nothing after it was saved; {where}. "
+                           "Lower train.lr or enable train.max_grad_norm.", 3) from None
+    finally:
+        ctx.tracker.close()
+    return _finish(ctx)
+
+
+def _finish(ctx: LoopContext) -> RunResult:
+    st, run_dir = ctx.state, ctx.run_dir
+    ctx.accelerator.wait_for_everyone()
+    if ctx.is_main:
+        out = run_dir / ctx.weights_name
+        best = run_dir / "best" / ctx.weights_name
+        if out.exists():
+            shutil.rmtree(out)
+        if st.stopped_early and best.exists():
+            shutil.copytree(best, out)  # the run's result is the best checkpoint, not the last step
+        else:
+            ckpt.save_weights(ctx.unwrap(), out)
+        if ctx.weights_name == "model":
+            ctx.tokenizer.save_pretrained(out)
+        (run_dir / "state.json").write_text(json.dumps(asdict(st), indent=1))
+        plot_loss(run_dir, st.best_step)
+    ctx.accelerator.wait_for_everyone()
+    return RunResult(run_dir, st, ctx.last_valid)
+
+
+class _NoProgress:
+    def __enter__(self) -> None:
+        return None
+
+    def __exit__(self, *a: Any) -> None:
+        return None
+
+
+def _progress(console: Any, show: bool) -> Any:
+    if console is None or not show:
+        return _NoProgress()
+    return _ProgressWithDefaults(console)
+
+
+class _ProgressWithDefaults:
+    """A rich Progress whose task starts with loss/lr/tok-s fields so the columns render before step 1."""
+
+    def __init__(self, console: Any) -> None:
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+        self.p = Progress(
+            TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
+            TextColumn("loss {task.fields[loss]:.4f}"), TextColumn("lr {task.fields[lr]:.2e}"),
+            TextColumn("{task.fields[tps]:.0f} tok/s"), TimeElapsedColumn(), TextColumn("ETA"), TimeRemainingColumn(),
+            console=console, refresh_per_second=4,
+        )
+
+    def __enter__(self) -> _ProgressWithDefaults:
+        self.p.__enter__()
+        return self
+
+    def __exit__(self, *a: Any) -> None:
+        self.p.__exit__(*a)
+
+    def add_task(self, name: str, total: int, completed: int) -> Any:
+        return self.p.add_task(name, total=total, completed=completed, loss=math.nan, lr=0.0, tps=0.0)
+
+    def update(self, task: Any, **kw: Any) -> None:
+        self.p.update(task, **kw)
