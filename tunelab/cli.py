@@ -51,7 +51,9 @@ def main(argv: list[str] | None = None) -> None:
     _quiet_libraries()
     _register()
     try:
-        app(args=argv, standalone_mode=False)
+        rc = app(args=argv, standalone_mode=False)  # returns typer.Exit's code in this mode
+        if isinstance(rc, int) and rc:
+            sys.exit(rc)
     except TunelabError as e:
         typer.echo(f"error: {e.message}", err=True)
         sys.exit(e.exit_code)

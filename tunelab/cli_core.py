@@ -39,9 +39,9 @@ def data_validate(
     else:
         for issue in rep.issues:
             style = "red" if issue.severity == "error" else "yellow"
-            console.print(f"[{style}]{issue}[/{style}]")
+            console.print(str(issue), style=style, markup=False, soft_wrap=True)
         for line in rep.summary_lines():
-            console.print(line)
+            console.print(line, markup=False, soft_wrap=True)
     if rep.errors:
         raise typer.Exit(1)
 

@@ -1,0 +1,282 @@
+"""The bundled clinical-note -> JSON demo task: generator determinism, the train/test vocabulary split, the
+shipped files, and the scoring functions (expected scores worked out by hand in each case)."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+from jsonschema import Draft202012Validator
+
+from tunelab.data.readers import parse_file
+from tunelab.demo import clinical
+from tunelab.demo.clinical import (
+    FIELDS,
+    FORMAT_INSTRUCTIONS,
+    JSON_SCHEMA,
+    SIZES,
+    SPLITS,
+    build_splits,
+    bundled_path,
+    generate,
+    load_examples,
+    prompt_messages,
+)
+from tunelab.demo.scoring import aggregate, normalise_text, parse_json_output, score_output
+from tunelab.demo.vocab import POOL_A, POOL_B
+
+REF = {
+    "chief_complaint": "R ear pain",
+    "assessment": "otitis media, right ear; essential hypertension",
+    "plan": "amoxicillin 500 mg PO t.i.d. x10d, f/u 2 wks",
+    "icd10_codes": ["H66.91", "I10"],
+}
+
+
+def _rows(split: str) -> list[dict[str, Any]]:
+    return [json.loads(line) for line in bundled_path(split).read_text(encoding="utf-8").splitlines()]
+
+
+def _note(row: dict[str, Any]) -> str:
+    return str(row["messages"][0]["content"])
+
+
+def _target(row: dict[str, Any]) -> dict[str, Any]:
+    out: dict[str, Any] = json.loads(row["messages"][1]["content"])
+    return out
+
+
+def _code_in(code: str, text: str) -> bool:
+    # A code counts as present only as a whole token: "E78.5" must not match inside "E78.50".
+    return re.search(rf"(?<![\w.]){re.escape(code)}(?![\w]|\.\w)", text) is not None
+
+
+# ---------------------------------------------------------------- generator
+
+
+def test_regenerating_with_default_seed_reproduces_shipped_files(tmp_path: Path) -> None:
+    paths = generate(tmp_path, seed=0)
+    assert set(paths) == set(SPLITS)
+    for split in SPLITS:
+        assert paths[split].read_bytes() == bundled_path(split).read_bytes(), split
+
+
+def test_seed_changes_the_data_and_same_seed_repeats_it() -> None:
+    assert build_splits(7) == build_splits(7)
+    assert build_splits(7)["train"] != build_splits(8)["train"]
+
+
+def test_cli_writes_the_same_files_as_generate(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    clinical.main(["--out", str(tmp_path / "cli"), "--seed", "3"])
+    generate(tmp_path / "lib", seed=3)
+    for split in SPLITS:
+        assert (tmp_path / "cli" / f"{split}.jsonl").read_bytes() == (tmp_path / "lib" / f"{split}.jsonl").read_bytes()
+    assert "400 examples" in capsys.readouterr().out
+
+
+def test_sizes_and_no_example_twice() -> None:
+    notes = []
+    for split in SPLITS:
+        rows = _rows(split)
+        assert len(rows) == SIZES[split]
+        notes += [_note(r) for r in rows]
+    assert SIZES == {"train": 400, "validation": 40, "test": 60}
+    assert len(notes) == len(set(notes)), "a note appears twice (within or across splits)"
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_shipped_files_parse_without_errors(split: str) -> None:
+    res = parse_file(bundled_path(split), expect="conversation")
+    assert res.format == "messages"
+    assert res.errors == []
+    assert len(res.records) == SIZES[split]
+    for rec in res.records:
+        assert [m.role for m in rec.messages] == ["user", "assistant"]
+
+
+@pytest.mark.parametrize("split", SPLITS)
+def test_references_validate_and_are_spans_of_the_note(split: str) -> None:
+    validator = Draft202012Validator(JSON_SCHEMA)
+    for row in _rows(split):
+        note, target = _note(row), _target(row)
+        assert list(target) == list(FIELDS)  # keys in the documented order
+        assert not list(validator.iter_errors(target)), target
+        assert 1 <= len(target["icd10_codes"]) <= 2
+        # Every value is copied from the note: the task is extraction, not medical knowledge.
+        assert target["chief_complaint"] in note
+        assert target["plan"] in note
+        for name in target["assessment"].split("; "):
+            assert name in note
+        for code in target["icd10_codes"]:
+            assert _code_in(code, note)
+        assert len(note.split()) <= 70
+
+
+def test_test_split_vocabulary_never_appears_in_train_or_validation() -> None:
+    seen_text = "\n".join(_note(r) + "\n" + r["messages"][1]["content"] for s in ("train", "validation") for r in _rows(s))
+    test_targets = [_target(r) for r in _rows("test")]
+    for t in test_targets:
+        assert t["chief_complaint"].lower() not in seen_text.lower(), t["chief_complaint"]
+        assert t["plan"] not in seen_text, t["plan"]
+        for name in t["assessment"].split("; "):
+            assert name not in seen_text, name
+        for code in t["icd10_codes"]:
+            assert not _code_in(code, seen_text), code
+    # The test split does exercise the whole of pool B's diagnoses, and train the whole of pool A's.
+    assert {c for t in test_targets for c in t["icd10_codes"]} == {c.code for c in POOL_B.cases}
+    train_codes = {c for r in _rows("train") for c in _target(r)["icd10_codes"]}
+    assert train_codes == {c.code for c in POOL_A.cases}
+
+
+def test_test_split_templates_never_appear_in_train_or_validation() -> None:
+    train_notes = "\n".join(_note(r) for s in ("train", "validation") for r in _rows(s))
+    test_notes = "\n".join(_note(r) for r in _rows("test"))
+    assert not set(POOL_A.templates) & set(POOL_B.templates)
+    for template in POOL_B.templates:
+        # The longest fixed text of each pool-B template is its fingerprint: present in test, absent in train.
+        fixed = max(re.split(r"\{\w+\}", template), key=len).strip()
+        assert len(fixed) >= 3, template
+        assert fixed in test_notes, f"pool-B template never used: {template!r}"
+        assert fixed not in train_notes, f"pool-B template text {fixed!r} leaked into training notes"
+
+
+def test_pools_share_no_vocabulary() -> None:
+    a, b = POOL_A.cases, POOL_B.cases
+    assert not {c.code for c in a} & {c.code for c in b}
+    assert not {c.diagnosis for c in a} & {c.diagnosis for c in b}
+    assert not {x for c in a for x in c.complaints} & {x for c in b for x in c.complaints}
+    assert not {x for c in a for x in c.plans} & {x for c in b for x in c.plans}
+
+
+def test_format_instructions_and_prompt_messages() -> None:
+    example = FORMAT_INSTRUCTIONS.split("Example reply: ", 1)[1]
+    assert score_output(example, json.loads(example))["schema_ok"] == 1.0
+    for key in FIELDS:
+        assert f'"{key}"' in FORMAT_INSTRUCTIONS
+    # The worked example comes from neither pool, so it gives the base model no test answers.
+    for case in POOL_A.cases + POOL_B.cases:
+        assert not _code_in(case.code, FORMAT_INSTRUCTIONS)
+    note = "Pt c/o cough."
+    assert prompt_messages(note, instructions=False) == [{"role": "user", "content": note}]
+    assert prompt_messages(note, instructions=True)[0] == {"role": "system", "content": FORMAT_INSTRUCTIONS}
+
+
+def test_load_examples_pairs_notes_with_references() -> None:
+    pairs = load_examples(bundled_path("validation"))
+    assert len(pairs) == 40
+    note, ref = pairs[0]
+    assert note == _note(_rows("validation")[0])
+    assert ref == _target(_rows("validation")[0])
+
+
+# ---------------------------------------------------------------- scoring
+
+
+def test_exact_reference_scores_one() -> None:
+    s = score_output(json.dumps(REF), REF)
+    assert s == {
+        "json_valid": 1.0,
+        "schema_ok": 1.0,
+        "field_accuracy": 1.0,
+        "field_chief_complaint": 1.0,
+        "field_assessment": 1.0,
+        "field_plan": 1.0,
+        "field_icd10_codes": 1.0,
+    }
+
+
+@pytest.mark.parametrize(
+    "wrap",
+    [
+        "  {}\n",
+        "```json\n{}\n```",
+        "```\n{}\n```",
+        "\n```JSON\n{}```\n",
+    ],
+)
+def test_whitespace_and_one_fence_are_tolerated(wrap: str) -> None:
+    out = wrap.replace("{}", json.dumps(REF, indent=2))
+    assert parse_json_output(out) == REF
+    assert score_output(out, REF)["field_accuracy"] == 1.0
+
+
+@pytest.mark.parametrize(
+    "out",
+    [
+        "Here is the JSON: " + json.dumps(REF),  # prose before
+        json.dumps(REF) + "\nLet me know if you need more.",  # prose after
+        json.dumps(REF) + json.dumps(REF),  # two objects
+        json.dumps(REF)[:-1],  # truncated
+        json.dumps([REF]),  # not an object
+        '"just a string"',
+        "",
+        "{'chief_complaint': 'R ear pain'}",  # Python dict, not JSON
+        "```json\n" + json.dumps(REF),  # unclosed fence
+    ],
+)
+def test_anything_but_one_json_object_is_invalid(out: str) -> None:
+    assert parse_json_output(out) is None
+    s = score_output(out, REF)
+    assert s["json_valid"] == s["schema_ok"] == s["field_accuracy"] == 0.0
+
+
+def test_wrong_types_fail_schema_and_those_fields() -> None:
+    # icd10_codes as a string and plan as a list: valid JSON, invalid schema, 2 of 4 fields right.
+    out = dict(REF, icd10_codes="H66.91, I10", plan=[REF["plan"]])
+    s = score_output(json.dumps(out), REF)
+    assert (s["json_valid"], s["schema_ok"], s["field_accuracy"]) == (1.0, 0.0, 0.5)
+    assert s["field_icd10_codes"] == 0.0 and s["field_plan"] == 0.0 and s["field_assessment"] == 1.0
+
+
+def test_missing_and_extra_keys_fail_schema() -> None:
+    missing = {k: v for k, v in REF.items() if k != "plan"}
+    s = score_output(json.dumps(missing), REF)
+    assert (s["json_valid"], s["schema_ok"], s["field_accuracy"]) == (1.0, 0.0, 0.75)
+    extra = dict(REF, notes="none")
+    s = score_output(json.dumps(extra), REF)
+    assert (s["json_valid"], s["schema_ok"], s["field_accuracy"]) == (1.0, 0.0, 1.0)
+    bad_code = dict(REF, icd10_codes=["H66.91", "hypertension"])
+    assert score_output(json.dumps(bad_code), REF)["schema_ok"] == 0.0
+    empty_codes = dict(REF, icd10_codes=[])
+    assert score_output(json.dumps(empty_codes), REF)["schema_ok"] == 0.0
+
+
+def test_partial_field_matches() -> None:
+    out = {
+        "chief_complaint": "  r EAR   pain.",  # case, whitespace, trailing period: still right
+        "assessment": "otitis media, right ear",  # missing the second diagnosis: wrong
+        "plan": REF["plan"] + ";",  # trailing punctuation: still right
+        "icd10_codes": ["I10"],  # missing H66.91: wrong
+    }
+    s = score_output(json.dumps(out), REF)
+    assert (s["json_valid"], s["schema_ok"], s["field_accuracy"]) == (1.0, 1.0, 0.5)
+    assert (s["field_chief_complaint"], s["field_assessment"], s["field_plan"], s["field_icd10_codes"]) == (
+        1.0, 0.0, 1.0, 0.0,
+    )
+    # Codes compare as a set: order does not matter, a wrong extra code does.
+    assert score_output(json.dumps(dict(REF, icd10_codes=["I10", "H66.91"])), REF)["field_icd10_codes"] == 1.0
+    three = dict(REF, icd10_codes=["I10", "H66.91", "E11.9"])
+    assert score_output(json.dumps(three), REF)["field_icd10_codes"] == 0.0
+
+
+def test_normalise_text() -> None:
+    assert normalise_text("  Start  Lisinopril\n10 mg. ") == "start lisinopril 10 mg"
+    assert normalise_text("b.i.d.") == "b.i.d"
+    assert normalise_text("x") != normalise_text("y")
+
+
+def test_aggregate_means_by_hand() -> None:
+    good = score_output(json.dumps(REF), REF)
+    half = score_output(json.dumps(dict(REF, assessment="x", plan="y")), REF)
+    bad = score_output("not json", REF)
+    agg = aggregate([good, half, bad])
+    assert agg["n"] == 3.0
+    assert agg["json_valid"] == pytest.approx(2 / 3)
+    assert agg["schema_ok"] == pytest.approx(2 / 3)
+    assert agg["field_accuracy"] == pytest.approx((1.0 + 0.5 + 0.0) / 3)
+    assert agg["field_plan"] == pytest.approx(1 / 3)
+    with pytest.raises(ValueError):
+        aggregate([])

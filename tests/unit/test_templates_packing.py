@@ -1,0 +1,90 @@
+"""Label masks fall exactly on assistant tokens (plus their end-of-turn token); packing changes nothing."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import pytest
+import torch
+import tiny
+
+from tunelab.data.packing import pack, pad
+from tunelab.data.records import Conversation, Message
+from tunelab.data.templates import IGNORE_INDEX, encode
+from tunelab.losses import sft_loss
+from tunelab.train.sft import forward_kept_logits
+
+
+def trained_text(tok: Any, conv: Conversation, **kw: Any) -> str:
+    enc = encode(tok, conv, **kw)
+    return tok.decode([t for t, lab in zip(enc.input_ids, enc.labels, strict=True) if lab != IGNORE_INDEX])
+
+
+CONV = Conversation((
+    Message("system", "be brief"),
+    Message("user", "first question"),
+    Message("assistant", "first answer"),
+    Message("user", "second question"),
+    Message("assistant", "second answer"),
+))
+
+
+def test_mask_is_exactly_assistant_tokens_and_eot(tok: Any) -> None:
+    enc = encode(tok, CONV)
+    text = tok.decode(enc.input_ids)
+    assert text.count("first answer<|im_end|>") == 1
+    assert trained_text(tok, CONV) == "first answer<|im_end|>second answer<|im_end|>"
+    # every trained token is inside an assistant turn: the byte tokenizer maps 1 char -> 1 token here
+    assert enc.num_trained == len("first answer") + 1 + len("second answer") + 1
+
+
+def test_train_on_variants_and_weight(tok: Any) -> None:
+    assert trained_text(tok, CONV, train_on="last_assistant") == "second answer<|im_end|>"
+    assert trained_text(tok, CONV, train_on="all") == tok.decode(encode(tok, CONV).input_ids)
+    weighted = Conversation(tuple(m if m.content != "first answer" else Message("assistant", "first answer", weight=0)
+                                  for m in CONV.messages))
+    assert trained_text(tok, weighted) == "second answer<|im_end|>"
+
+
+def test_system_prompt_and_truncation(tok: Any) -> None:
+    conv = Conversation((Message("user", "q"), Message("assistant", "a")))
+    enc = encode(tok, conv, system_prompt="SYS")
+    assert tok.decode(enc.input_ids).startswith("<|im_start|>system\nSYS<|im_end|>")
+    short = encode(tok, CONV, max_len=20)
+    assert short.truncated and len(short.input_ids) == 20 and short.full_length > 20
+
+
+def test_real_smollm2_template_masks(tok: Any) -> None:
+    from tunelab.model.loading import load_tokenizer, resolve_model
+
+    real = load_tokenizer(resolve_model("smollm2-135m-instruct"))
+    assert trained_text(real, CONV) == "first answer<|im_end|>second answer<|im_end|>"
+
+
+def _items(tok: Any, n: int) -> list[Any]:
+    rows = tiny.chat_rows(n)
+    return [encode(tok, Conversation(tuple(Message(m["role"], m["content"]) for m in r["messages"]))) for r in rows]
+
+
+def test_packed_loss_equals_padded_loss(tok: Any, model: Any) -> None:
+    items = _items(tok, 6)
+    packed, padded = pack(items), pad(items, tok.pad_token_id)
+    assert packed["targets"].tolist() == padded["targets"].tolist()
+    n = packed["targets"].numel()
+    with torch.no_grad():
+        lp, _ = sft_loss(forward_kept_logits(model, packed), packed["targets"], n)
+        lq, _ = sft_loss(forward_kept_logits(model, padded), padded["targets"], n)
+        # and each example alone
+        singles = sum(
+            sft_loss(forward_kept_logits(model, pack([it])), pack([it])["targets"], n)[0] for it in items
+        )
+    assert abs(lp.item() - lq.item()) < 1e-4
+    assert abs(lp.item() - float(singles)) < 1e-4
+
+
+def test_packing_has_no_cross_example_attention(tok: Any, model: Any) -> None:
+    a, b = _items(tok, 2)
+    with torch.no_grad():
+        alone = forward_kept_logits(model, pack([b]))
+        after_a = forward_kept_logits(model, pack([a, b]))[-alone.shape[0]:]
+    assert torch.allclose(alone, after_a, atol=1e-5)
