@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -45,9 +45,9 @@ class _Strict(BaseModel):
 class GenerationSettings(_Strict):
     """Fixed, recorded decoding: greedy, so the same model and prompts always give the same outputs."""
 
-    max_new_tokens: int = Field(256, ge=1)
-    batch_size: int = Field(8, ge=1)
-    repetition_penalty: float = Field(1.0, gt=0)
+    max_new_tokens: int = Field(default=256, ge=1)
+    batch_size: int = Field(default=8, ge=1)
+    repetition_penalty: float = Field(default=1.0, gt=0)
 
 
 class JudgeSettings(_Strict):
@@ -62,10 +62,10 @@ class JudgeSettings(_Strict):
     both_orders: bool = True
     """Ask twice with the answers swapped: measures position bias; disagreeing verdicts count as a tie."""
     seed: int = 0
-    temperature: float = Field(0.0, ge=0)
-    max_tokens: int = Field(8, ge=1)
-    timeout_s: float = Field(60.0, gt=0)
-    concurrency: int = Field(4, ge=1)
+    temperature: float = Field(default=0.0, ge=0)
+    max_tokens: int = Field(default=8, ge=1)
+    timeout_s: float = Field(default=60.0, gt=0)
+    concurrency: int = Field(default=4, ge=1)
 
 
 class EvalConfig(_Strict):
@@ -84,15 +84,15 @@ class EvalConfig(_Strict):
     """Python functions (prompt, output, reference) -> float: 'pkg.module:function' or 'file.py:function'."""
     system_prompt: str | None = None
     """System prompt given to the base model only (e.g. format instructions the fine-tuned model no longer needs)."""
-    max_examples: int | None = Field(None, ge=1)
+    max_examples: int | None = Field(default=None, ge=1)
     generation: GenerationSettings = GenerationSettings()
     forgetting: bool = True
     """Also score base and fine-tuned models on the bundled general instruction set."""
     general_data: str | None = None
     """A different general set for forgetting (messages JSONL, answers checked with contains_answer)."""
-    general_max_examples: int | None = Field(60, ge=1)
-    general_max_new_tokens: int = Field(48, ge=1)
-    samples_in_report: int = Field(8, ge=0)
+    general_max_examples: int | None = Field(default=60, ge=1)
+    general_max_new_tokens: int = Field(default=48, ge=1)
+    samples_in_report: int = Field(default=8, ge=0)
     judge: JudgeSettings = JudgeSettings()
 
     def resolved_schema(self, base_dir: Path | None = None) -> dict[str, Any] | None:

@@ -14,9 +14,9 @@ import torch
 
 from tunelab.data.records import Conversation
 from tunelab.data.templates import IGNORE_INDEX, encode, encode_prompt
+from tunelab.errors import TunelabError
 from tunelab.eval.config import GenerationSettings
 from tunelab.eval.metrics import perplexity
-from tunelab.errors import TunelabError
 
 Progress = Callable[[int], None]
 

@@ -82,16 +82,16 @@ def schema_conforms(output: str, schema: dict[str, Any], lenient: bool = False) 
 
 
 def _norm_value(v: Any) -> Any:
-    # Field values compare loosely on formatting: case, surrounding and repeated whitespace, list order
+    # Field values compare loosely on formatting: case, repeated whitespace, trailing punctuation, list order
     # (a set of codes is the same set in any order), int vs float.
     if isinstance(v, str):
-        return normalize_text(v).casefold()
+        return normalize_text(v).casefold().rstrip(" .,;:")
     if isinstance(v, bool) or v is None:
         return v
     if isinstance(v, int | float):
         return float(v)
     if isinstance(v, list):
-        return sorted((json.dumps(_norm_value(x), sort_keys=True) for x in v))
+        return sorted(json.dumps(_norm_value(x), sort_keys=True) for x in v)
     if isinstance(v, dict):
         return {str(k): _norm_value(x) for k, x in v.items()}
     return v
@@ -200,6 +200,20 @@ CORPUS: dict[str, Callable[[Sequence[str], Sequence[str]], float]] = {"chrf": co
 BUILTIN = (*SIMPLE, *JSON_METRICS)
 
 
+def _bind(name: str, schema: dict[str, Any] | None, fields: Sequence[str] | None, lenient: bool) -> MetricFn:
+    def fn(_prompt: str, output: str, reference: str) -> float | None:
+        if name in SIMPLE:
+            return SIMPLE[name](output, reference)
+        if name == "json_valid":
+            return json_valid(output, lenient)
+        if name == "schema":
+            assert schema is not None
+            return schema_conforms(output, schema, lenient)
+        return field_accuracy(output, reference, fields, lenient)
+
+    return fn
+
+
 def build(
     names: Sequence[str],
     *,
@@ -210,21 +224,13 @@ def build(
     """Bind the configured metric names to `(prompt, output, reference) -> float | None` functions."""
     out: dict[str, MetricFn] = {}
     for name in names:
-        if name in SIMPLE:
-            fn = SIMPLE[name]
-            out[name] = lambda _p, o, r, fn=fn: fn(o, r)
-        elif name == "json_valid":
-            out[name] = lambda _p, o, _r: json_valid(o, lenient_json)
-        elif name == "schema":
+        if name == "schema":
             if schema is None:
                 raise ConfigError("eval.metrics has 'schema' but eval.json_schema is not set")
             check_schema(schema)
-            sch = schema
-            out[name] = lambda _p, o, _r: schema_conforms(o, sch, lenient_json)
-        elif name == "field_accuracy":
-            out[name] = lambda _p, o, r: field_accuracy(o, r, fields, lenient_json)
-        else:
+        if name not in BUILTIN:
             raise ConfigError(f"eval.metrics: unknown metric {name!r} (built-in: {', '.join(BUILTIN)})")
+        out[name] = _bind(name, schema, fields, lenient_json)
     return out
 
 
