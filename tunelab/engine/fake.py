@@ -17,6 +17,7 @@ from typing import Any
 from tunelab.engine.text import StopMatcher
 from tunelab.engine.types import (
     AdapterError,
+    FinishReason,
     GenerationEvent,
     GenerationRequest,
     InvalidRequestError,
@@ -59,7 +60,7 @@ class FakeStream:
                     yield GenerationEvent(piece, i + 1)
             done = min(len(self._words), sp.max_tokens)
             self.finished = True
-            reason = "length" if len(self._words) > sp.max_tokens else "stop"
+            reason: FinishReason = "length" if len(self._words) > sp.max_tokens else "stop"
             yield GenerationEvent(matcher.flush(), done, reason)
         finally:
             self.engine.active -= 1

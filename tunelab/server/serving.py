@@ -12,7 +12,7 @@ import asyncio
 import json
 import time
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncGenerator, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -79,7 +79,7 @@ async def _until_disconnect(request: Request, work: Awaitable[T]) -> T | None:
     return None
 
 
-async def _merge(streams: list[GenerationStream]) -> AsyncIterator[tuple[int, GenerationEvent]]:
+async def _merge(streams: list[GenerationStream]) -> AsyncGenerator[tuple[int, GenerationEvent], None]:
     """Interleave several streams' events as they come, tagged with the stream's index."""
     queue: asyncio.Queue[Any] = asyncio.Queue()
 

@@ -16,11 +16,11 @@ class ServerSettings(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid")
 
     api_keys: dict[str, str] = Field(default_factory=dict)
-    max_request_bytes: int = Field(1_000_000, gt=0, description="larger request bodies get 413")
-    max_tokens_limit: int = Field(4096, gt=0, description="largest max_tokens a request may ask for")
-    default_max_tokens: int = Field(512, gt=0, description="max_tokens when a request gives none")
-    max_n: int = Field(8, gt=0, description="largest n (choices per prompt)")
-    max_prompts: int = Field(32, gt=0, description="largest number of prompts in one /v1/completions call")
+    max_request_bytes: int = Field(default=1_000_000, gt=0, description="larger request bodies get 413")
+    max_tokens_limit: int = Field(default=4096, gt=0, description="largest max_tokens a request may ask for")
+    default_max_tokens: int = Field(default=512, gt=0, description="max_tokens when a request gives none")
+    max_n: int = Field(default=8, gt=0, description="largest n (choices per prompt)")
+    max_prompts: int = Field(default=32, gt=0, description="largest number of prompts in one /v1/completions call")
 
 
 def owner_for_key(key: str) -> str:
