@@ -56,6 +56,9 @@ def tiny_config(vocab_size: int = 259, **kw: Any) -> Any:
         bos_token_id=256,
         eos_token_id=258,
         pad_token_id=256,
+        # Larger than Llama's 0.02 so a frozen random LM head can still express a peaked distribution:
+        # LoRA (which leaves lm_head alone) must be able to overfit in a few steps.
+        initializer_range=0.2,
     )
     cfg.update(kw)
     return LlamaConfig(**cfg)

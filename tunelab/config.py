@@ -64,6 +64,8 @@ class DataConfig(_Strict):
     train_on: Literal["assistant", "all", "last_assistant"] = "assistant"
     packing: bool = True
     """Padding-free packing: examples concatenated with per-example position ids, no cross attention."""
+    min_examples: int = Field(10, ge=1)
+    """Refuse training files with fewer valid examples (OpenAI's minimum is 10)."""
     system_prompt: str | None = None
     """Prepended to every conversation that has no system message."""
     mix: DataMix | None = None
@@ -99,9 +101,135 @@ class EvalSection(_Strict):
     """Evaluate the base model on the validation set before the first step."""
 
 
+# --- Preference and RL methods: one section per method, read only when `method` selects it. -------------
+
+
+class DPOConfig(_Strict):
+    beta: float = Field(default=0.1, gt=0)
+    """KL strength: lower lets the policy move further from the reference."""
+    loss_type: Literal["sigmoid", "ipo", "hinge"] = "sigmoid"
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+    """Assumed fraction of flipped labels (conservative DPO); sigmoid loss only."""
+    precompute_ref: bool = False
+    """Compute reference log-probs once before training; the reference never runs during training."""
+
+
+class ORPOConfig(_Strict):
+    beta: float = Field(default=0.1, gt=0)
+    """Weight of the odds-ratio term next to the SFT loss (the paper's lambda)."""
+
+
+class SimPOConfig(_Strict):
+    beta: float = Field(default=2.0, gt=0)
+    gamma: float = Field(default=1.0, ge=0)
+    """Target reward margin."""
+    label_smoothing: float = Field(default=0.0, ge=0, lt=0.5)
+
+
+class KTOConfig(_Strict):
+    beta: float = Field(default=0.1, gt=0)
+    desirable_weight: float = Field(default=1.0, gt=0)
+    undesirable_weight: float = Field(default=1.0, gt=0)
+    precompute_ref: bool = False
+
+
+class RewardConfig(_Strict):
+    center_coef: float | None = Field(default=None, ge=0)
+    """Adds center_coef * (r_chosen + r_rejected)^2 to keep rewards near zero."""
+
+
+class GenerationConfig(_Strict):
+    max_new_tokens: int = Field(default=48, ge=1)
+    temperature: float = Field(default=1.0, gt=0)
+    top_k: int = Field(default=0, ge=0)
+
+
+class PPOConfig(_Strict):
+    reward_model: str
+    """A run folder written by `method: reward`."""
+    kl_coef: float = Field(default=0.05, ge=0)
+    """beta in reward - beta * KL(pi || pi_ref), charged per token."""
+    clip_eps: float = Field(default=0.2, gt=0, lt=1)
+    value_clip: float = Field(default=0.2, gt=0)
+    vf_coef: float = Field(default=0.1, ge=0)
+    gamma: float = Field(default=1.0, gt=0, le=1)
+    lam: float = Field(default=0.95, ge=0, le=1)
+    ppo_epochs: int = Field(default=2, ge=1)
+    """Optimizer steps taken on each batch of generated rollouts."""
+    length_penalty: float = Field(default=0.0, ge=0)
+    """Subtracted per character beyond target_length: a guard against reward hacking by verbosity."""
+    target_length: int = Field(default=0, ge=0)
+    generation: GenerationConfig = GenerationConfig()
+
+
+class GRPOReward(_Strict):
+    fn: Literal["json_valid", "json_schema", "regex", "length"]
+    weight: float = 1.0
+    json_schema: dict[str, Any] | None = None
+    pattern: str | None = None
+    max_chars: int | None = Field(default=None, ge=1)
+
+    @model_validator(mode="after")
+    def _needs(self) -> GRPOReward:
+        import re
+
+        if self.fn == "json_schema" and self.json_schema is None:
+            raise ValueError("reward json_schema needs `json_schema`")
+        if self.fn == "regex":
+            if not self.pattern:
+                raise ValueError("reward regex needs `pattern`")
+            try:
+                re.compile(self.pattern)
+            except re.error as e:
+                raise ValueError(f"reward regex: bad pattern {self.pattern!r}: {e}") from None
+        if self.fn == "length" and self.max_chars is None:
+            raise ValueError("reward length needs `max_chars`")
+        return self
+
+
+class GRPOConfig(_Strict):
+    group_size: int = Field(default=4, ge=2)
+    kl_coef: float = Field(default=0.04, ge=0)
+    clip_eps: float = Field(default=0.2, gt=0, lt=1)
+    rewards: list[GRPOReward] = []
+    reward_model: str | None = None
+    """A run folder written by `method: reward`, scored in addition to (or instead of) `rewards`."""
+    generation: GenerationConfig = GenerationConfig()
+
+    @model_validator(mode="after")
+    def _some_reward(self) -> GRPOConfig:
+        if not self.rewards and not self.reward_model:
+            raise ValueError("grpo needs `rewards` (json_valid, json_schema, regex, length) or a `reward_model`")
+        return self
+
+
+METHOD_SECTIONS = {"dpo": "dpo", "orpo": "orpo", "simpo": "simpo", "kto": "kto", "reward": "reward", "ppo": "ppo",
+                   "grpo": "grpo"}
+
+
+def _check_method_section(cfg: RunConfig) -> None:
+    """A non-default section for a method other than the selected one is almost always a mistake: say so.
+    (Defaults are allowed so a dumped config, which lists every section, loads back.)"""
+    for name in METHOD_SECTIONS:
+        if name != cfg.method and getattr(cfg, name) != type(cfg).model_fields[name].default:
+            raise ValueError(f"`{name}:` settings are given but method is {cfg.method!r}")
+    if cfg.method in ("ppo", "grpo") and getattr(cfg, cfg.method) is None:
+        raise ValueError(f"method {cfg.method!r} needs a `{cfg.method}:` section")
+
+
+# --- end of preference and RL methods ---------------------------------------------------------------------
+
+
 class RunConfig(_Strict):
     model: ModelConfig = ModelConfig()
-    method: Literal["sft"] = "sft"
+    method: Literal["sft", "reward", "ppo", "dpo", "orpo", "simpo", "kto", "grpo"] = "sft"
+    dpo: DPOConfig = DPOConfig()
+    orpo: ORPOConfig = ORPOConfig()
+    simpo: SimPOConfig = SimPOConfig()
+    kto: KTOConfig = KTOConfig()
+    reward: RewardConfig = RewardConfig()
+    ppo: PPOConfig | None = None
+    grpo: GRPOConfig | None = None
     finetune: Literal["lora", "qlora", "dora", "adalora", "full"] = "lora"
     lora: LoraConfig = LoraConfig()
     data: DataConfig
@@ -116,6 +244,7 @@ class RunConfig(_Strict):
     def _check(self) -> RunConfig:
         if self.finetune == "adalora" and self.lora.target_r > self.lora.init_r:
             raise ValueError("lora.target_r must be <= lora.init_r for AdaLoRA")
+        _check_method_section(self)
         return self
 
     @property

@@ -65,9 +65,9 @@ def sha256_file(p: str | Path) -> str:
     return h.hexdigest()
 
 
-def _load_split(path: str, expect: str, max_seq_len: int, tok: Any, console: Any) -> list[Record]:
+def _load_split(path: str, expect: str, max_seq_len: int, tok: Any, console: Any, min_examples: int) -> list[Record]:
     """The same validation as `tunelab data validate`; errors refuse the run, warnings are summarised."""
-    rep = validate_file(path, tok, max_seq_len, expect=expect)
+    rep = validate_file(path, tok, max_seq_len, expect=expect, min_examples=min_examples)
     if rep.errors:
         raise DataError(rep.issues, header=f"{path}: invalid data (run `tunelab data validate {path}`)")
     if rep.warnings and console is not None:
@@ -77,8 +77,8 @@ def _load_split(path: str, expect: str, max_seq_len: int, tok: Any, console: Any
 
 def load_data(cfg: RunConfig, expect: str, tok: Any, console: Any) -> tuple[list[Record], list[Record]]:
     d = cfg.data
-    train = _load_split(d.train, expect, d.max_seq_len, tok, console)
-    valid = _load_split(d.validation, expect, d.max_seq_len, tok, console) if d.validation else []
+    train = _load_split(d.train, expect, d.max_seq_len, tok, console, d.min_examples)
+    valid = _load_split(d.validation, expect, d.max_seq_len, tok, console, 1) if d.validation else []
     if not valid and d.validation_fraction > 0:
         from tunelab.data.convert import split_records
 
