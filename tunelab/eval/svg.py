@@ -55,7 +55,7 @@ def _fmt(v: float) -> str:
 
 def line_chart(
     series: Sequence[Series], markers: Sequence[Marker] = (), *, title: str = "", xlabel: str = "", ylabel: str = "",
-    width: int = 720, height: int = 360, css_id: str = "chart",
+    width: int = 800, height: int = 360, css_id: str = "chart",
 ) -> str:
     pts = [p for s in series for p in s.points if math.isfinite(p[1])]
     if not pts:
@@ -68,7 +68,7 @@ def line_chart(
         x1 = x0 + 1
     pad = (y1 - y0) * 0.08 or abs(y1) * 0.1 or 1.0
     y0, y1 = y0 - pad, y1 + pad
-    left, right, top, bottom = 60, 170, 30, 45
+    left, right, top, bottom = 60, 250, 30, 45
     pw, ph = width - left - right, height - top - bottom
 
     def sx(x: float) -> float:
