@@ -22,6 +22,7 @@ app.add_typer(data_app, name="data")
 COMMAND_MODULES: list[str] = [
     "tunelab.cli_core",
     # helpers add their command modules below this line
+    "tunelab.data.toolkit.cli",
     "tunelab.eval.cli",
 ]
 
