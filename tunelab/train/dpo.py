@@ -1,0 +1,221 @@
+"""DPO over the shared loop, plus the pieces every pairwise preference method reuses (ORPO and SimPO import
+`PairMethod` from here; KTO and PPO import `Reference`).
+
+A batch packs all chosen completions, then all rejected ones, into one padding-free row; one forward gives
+every token's log-prob, summed per sequence by `sequence_logps`. The reference model is never a second copy
+when adapters are trained: it is the same model with the adapters switched off (`disable_adapter()`). Full
+fine-tuning keeps one frozen copy. With `dpo.precompute_ref: true` the reference log-probs of every example
+are computed once in `setup`, before the first step, and the reference never runs during training.
+"""
+
+from __future__ import annotations
+
+import copy
+from contextlib import AbstractContextManager, nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from tunelab.data.packing import pack
+from tunelab.data.records import Conversation, Preference
+from tunelab.data.templates import Encoded, encode
+from tunelab.losses import sequence_logps
+from tunelab.preference_losses import dpo_loss
+from tunelab.train.loop import LoopContext, Method
+from tunelab.train.sft import forward_kept_logits
+
+
+def unwrap(model: Any) -> Any:
+    """The model under an accelerate/DDP wrapper, if any."""
+    return getattr(model, "module", model)
+
+
+def is_peft(model: Any) -> bool:
+    return hasattr(unwrap(model), "disable_adapter") and hasattr(unwrap(model), "peft_config")
+
+
+class Reference:
+    """log pi_ref, without a second model when adapters are trained.
+
+    adapters: the policy itself inside `disable_adapter()` (LoRA's B starts at zero, so this is exactly the
+    starting model); full fine-tuning: a frozen deep copy taken before the first step."""
+
+    def __init__(self, model: Any) -> None:
+        self.copy: Any = None
+        if not is_peft(model):
+            self.copy = copy.deepcopy(unwrap(model)).eval()
+            for p in self.copy.parameters():
+                p.requires_grad_(False)
+
+    def context(self, model: Any) -> AbstractContextManager[Any]:
+        return unwrap(model).disable_adapter() if self.copy is None else nullcontext()
+
+    def model(self, model: Any) -> Any:
+        return model if self.copy is None else self.copy
+
+
+@dataclass
+class PairItem:
+    chosen: Encoded
+    rejected: Encoded
+    ref_chosen: float | None = None
+    ref_rejected: float | None = None
+
+    @property
+    def truncated(self) -> bool:
+        return self.chosen.truncated or self.rejected.truncated
+
+
+def encode_completion(tok: Any, conv: Conversation, cfg: Any) -> Encoded:
+    """Only the final assistant turn is the completion whose log-prob is scored."""
+    d = cfg.data
+    return encode(tok, conv, train_on="last_assistant", max_len=d.max_seq_len, system_prompt=d.system_prompt)
+
+
+def pack_sequences(encs: list[Encoded]) -> dict[str, torch.Tensor]:
+    """`pack` plus `segment_ids`: which sequence each kept (scored) position belongs to."""
+    batch = pack(encs)
+    ends = torch.tensor([len(e.input_ids) for e in encs]).cumsum(0)
+    batch["segment_ids"] = torch.searchsorted(ends, batch["keep"], right=True)
+    batch["num_sequences"] = torch.tensor(len(encs))
+    return batch
+
+
+def batch_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(per-sequence summed log-probs, per-sequence token counts, kept-position logits)."""
+    logits = forward_kept_logits(model, batch)
+    sums, counts = sequence_logps(logits, batch["targets"], batch["segment_ids"], int(batch["num_sequences"]))
+    return sums, counts, logits
+
+
+class PairMethod(Method):
+    """Shared by DPO, ORPO and SimPO: (prompt, chosen, rejected) in, summed completion log-probs out."""
+
+    expect = "preference"
+    needs_ref = False
+    precompute_ref = False
+
+    def __init__(self, cfg: Any, tokenizer: Any) -> None:
+        super().__init__(cfg, tokenizer)
+        self.ref: Reference | None = None
+
+    def encode(self, record: Any) -> PairItem | None:
+        assert isinstance(record, Preference)
+        c, r = record.as_conversations()
+        item = PairItem(encode_completion(self.tokenizer, c, self.cfg), encode_completion(self.tokenizer, r, self.cfg))
+        return item if item.chosen.num_trained and item.rejected.num_trained else None
+
+    def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        batch = pack_sequences([i.chosen for i in items] + [i.rejected for i in items])
+        batch["pairs"] = torch.tensor(len(items))
+        if self.precompute_ref:
+            batch["ref_logps"] = torch.tensor([i.ref_chosen for i in items] + [i.ref_rejected for i in items])
+        return batch
+
+    def count(self, batch: dict[str, torch.Tensor]) -> int:
+        return int(batch["pairs"])
+
+    def setup(self, ctx: LoopContext) -> None:
+        if not self.needs_ref:
+            return
+        if self.precompute_ref:
+            # Before the first step the policy *is* the reference (adapters start as a no-op): no copy needed.
+            self.precompute(ctx)
+        else:
+            self.ref = Reference(ctx.model)
+
+    @torch.no_grad()
+    def precompute(self, ctx: LoopContext) -> None:
+        was_training = ctx.model.training
+        ctx.model.eval()
+        bs = ctx.cfg.train.batch_size
+        for items in (ctx.train_items, ctx.valid_items):
+            for j in range(0, len(items), bs):
+                chunk = items[j : j + bs]
+                batch = {k: v.to(ctx.accelerator.device) for k, v in self.collate_no_ref(chunk).items()}
+                sums, _, _ = batch_logps(ctx.model, batch)
+                for k, it in enumerate(chunk):
+                    it.ref_chosen, it.ref_rejected = float(sums[k]), float(sums[len(chunk) + k])
+        ctx.model.train(was_training)
+
+    def collate_no_ref(self, items: list[Any]) -> dict[str, torch.Tensor]:
+        batch = pack_sequences([i.chosen for i in items] + [i.rejected for i in items])
+        batch["pairs"] = torch.tensor(len(items))
+        return batch
+
+    def ref_logps(self, model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+        if "ref_logps" in batch:
+            return batch["ref_logps"].float()
+        assert self.ref is not None, "setup() builds the reference"
+        with torch.no_grad(), self.ref.context(model):
+            sums, _, _ = batch_logps(self.ref.model(model), batch)
+        return sums
+
+    def pair_loss(
+        self, model: Any, batch: dict[str, torch.Tensor], sums: torch.Tensor, counts: torch.Tensor, num_items: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        raise NotImplementedError
+
+    def loss(self, model: Any, batch: dict[str, torch.Tensor], num_items: float) -> tuple[torch.Tensor, dict[str, float]]:
+        sums, counts, _ = batch_logps(model, batch)
+        loss, m = self.pair_loss(model, batch, sums, counts, num_items)
+        n = float(batch["pairs"])
+        return loss, {
+            "loss_sum": float(loss.detach()) * num_items, "items": n,
+            "acc_sum": m["rewards/accuracy"] * n, "margin_sum": m["rewards/margin"] * n,
+            "chosen_sum": m["rewards/chosen"] * n, "rejected_sum": m["rewards/rejected"] * n,
+        }
+
+    def summarize(self, sums: dict[str, float]) -> dict[str, float]:
+        n = max(sums.get("items", 0.0), 1.0)
+        return {
+            "loss": sums.get("loss_sum", 0.0) / n, "accuracy": sums.get("acc_sum", 0.0) / n,
+            "margin": sums.get("margin_sum", 0.0) / n, "reward_chosen": sums.get("chosen_sum", 0.0) / n,
+            "reward_rejected": sums.get("rejected_sum", 0.0) / n,
+        }
+
+
+class DPO(PairMethod):
+    name = "dpo"
+    needs_ref = True
+
+    def __init__(self, cfg: Any, tokenizer: Any) -> None:
+        super().__init__(cfg, tokenizer)
+        self.precompute_ref = cfg.dpo.precompute_ref
+
+    def pair_loss(
+        self, model: Any, batch: dict[str, torch.Tensor], sums: torch.Tensor, counts: torch.Tensor, num_items: float
+    ) -> tuple[torch.Tensor, dict[str, float]]:
+        ref = self.ref_logps(model, batch).to(sums.device)
+        b = int(batch["pairs"])
+        d = self.cfg.dpo
+        return dpo_loss(
+            sums[:b], sums[b:], ref[:b], ref[b:], beta=d.beta, loss_type=d.loss_type, label_smoothing=d.label_smoothing,
+            chosen_lengths=counts[:b], rejected_lengths=counts[b:], num_items=num_items,
+        )
+
+
+@torch.no_grad()
+def preference_accuracy(model: Any, tokenizer: Any, cfg: Any, prefs: list[Preference], *, ref: Any = None,
+                        batch_size: int = 8) -> float:
+    """Held-out preference accuracy: the fraction of pairs where the chosen completion gets the higher implicit
+    reward, log pi - log ref (sum over tokens; with `ref=None`, the per-token mean log-prob, SimPO's reward)."""
+    m = PairMethod(cfg, tokenizer)
+    items = [i for i in (m.encode(p) for p in prefs) if i is not None]
+    model.eval()
+    correct = 0
+    dev = next(model.parameters()).device
+    for j in range(0, len(items), batch_size):
+        chunk = items[j : j + batch_size]
+        batch = {k: v.to(dev) for k, v in m.collate_no_ref(chunk).items()}
+        s, c, _ = batch_logps(model, batch)
+        if ref is None:
+            score = s / c.clamp(min=1)
+        else:
+            with ref.context(model):
+                rs, _, _ = batch_logps(ref.model(model), batch)
+            score = s - rs
+        b = len(chunk)
+        correct += int((score[:b] > score[b:]).sum())
+    return correct / max(len(items), 1)
