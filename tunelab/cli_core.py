@@ -4,6 +4,7 @@ Each is a thin function: parse arguments, call the library, print."""
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated
 
@@ -119,6 +120,8 @@ def train_cmd(
     else:
         cfg = load_config(config, set_ or [])
     res = train(cfg, resume=resume is not None, overwrite=overwrite, console=console)
+    if os.environ.get("RANK", "0") != "0":  # under torchrun only rank 0 reports
+        return
     st = res.state
     msg = f"done: {st.step} steps"
     if st.best_step is not None and st.best_valid is not None:

@@ -160,7 +160,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
-    accelerator = Accelerator()
+    # cpu=True is what lets accelerate form a gloo process group under torchrun on machines without CUDA.
+    accelerator = Accelerator(cpu=not torch.cuda.is_available())
     is_main = accelerator.is_main_process
     con = console if is_main else None
     run_dir = prepare_run_dir(cfg, resume, overwrite) if is_main else Path(cfg.output_dir)
