@@ -1,0 +1,56 @@
+"""Every shipped YAML parses against the code; unknown keys and bad values fail early with a clear message."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tunelab.config import load_config
+from tunelab.errors import ConfigError
+
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+
+
+def test_there_are_configs() -> None:
+    assert len(CONFIGS) >= 5
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
+def test_every_shipped_config_parses(path: Path) -> None:
+    cfg = load_config(path)
+    for f in (cfg.data.train, cfg.data.validation):
+        if f:
+            assert (ROOT / f).exists(), f"{path.name}: {f} does not exist"
+
+
+def test_unknown_key_names_it_and_suggests(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("data: {train: x.jsonl}\ntrain: {learning_rate: 1.0e-4, batchsize: 4}\nfinetune: lora\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = e.value.message
+    assert "train.learning_rate: unknown key" in msg
+    assert "train.batchsize: unknown key (did you mean 'batch_size'?)" in msg
+
+
+def test_bad_values_and_overrides(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("data: {train: x.jsonl}\n")
+    with pytest.raises(ConfigError, match="finetune"):
+        load_config(p, ["finetune=lorax"])
+    with pytest.raises(ConfigError, match="lora.r"):
+        load_config(p, ["lora.r=0"])
+    cfg = load_config(p, ["train.lr=5e-4", "lora.target_modules=[q_proj, v_proj]"])
+    assert cfg.train.lr == 5e-4 and cfg.lora.target_modules == ["q_proj", "v_proj"]
+    with pytest.raises(ConfigError, match="key=value"):
+        load_config(p, ["train.lr"])
+
+
+def test_config_is_frozen(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("data: {train: x.jsonl}\n")
+    cfg = load_config(p)
+    with pytest.raises(Exception):
+        cfg.train.lr = 1.0  # type: ignore[misc]
