@@ -16,6 +16,7 @@ import threading
 import time
 import uuid
 from collections import OrderedDict, deque
+from collections.abc import Mapping
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
@@ -100,8 +101,9 @@ class Engine:
                       "running": 0}
         self.load_seconds: dict[str, float] = {}
         if self._adapters_dir is not None:
-            if not self._adapters_dir.is_dir():
-                raise TunelabError(f"adapters directory {self._adapters_dir} does not exist", 2)
+            if self._adapters_dir.exists() and not self._adapters_dir.is_dir():
+                raise TunelabError(f"adapters directory {self._adapters_dir} is not a directory", 2)
+            # A missing directory is fine: runs that appear there later are picked up on the next look.
             self.refresh()
         self._worker = threading.Thread(target=self._run, name="tunelab-engine", daemon=True)
         self._worker.start()
@@ -115,7 +117,7 @@ class Engine:
         dtype: str = "auto",
         load_in_4bit: bool = False,
         device: str | None = None,
-        adapters: dict[str, str | Path] | None = None,
+        adapters: Mapping[str, str | Path] | None = None,
         adapters_dir: str | Path | None = None,
         merge: str | None = None,
         served_model_name: str | None = None,

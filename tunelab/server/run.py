@@ -6,6 +6,7 @@ Binds the socket itself, so port 0 works and the caller learns the real address 
 
 from __future__ import annotations
 
+import signal
 import socket
 from collections.abc import Callable
 from types import FrameType
@@ -25,6 +26,10 @@ class _DrainingServer(uvicorn.Server):
     def handle_exit(self, sig: int, frame: FrameType | None) -> None:
         self._app.state.draining = True
         super().handle_exit(sig, frame)
+        # uvicorn re-raises the signal after shutdown, killing the process before the caller can close the
+        # engine; a SIGTERM-initiated drain is a normal stop, so the caller returns and exits 0.
+        if sig == signal.SIGTERM:
+            self._captured_signals = [s for s in self._captured_signals if s != signal.SIGTERM]
 
 
 def bind(host: str, port: int) -> socket.socket:

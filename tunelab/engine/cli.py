@@ -1,0 +1,92 @@
+"""`tunelab serve`: load a base model and adapters into an Engine and serve them over the OpenAI API.
+
+Lives with the engine (it imports torch through it); the server package stays torch-free. Thin: parse
+options, build the engine and the app, print where to connect, run until SIGTERM/SIGINT.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import typer
+
+from tunelab.errors import ConfigError
+from tunelab.model.loading import DEFAULT_MODEL
+
+
+def parse_adapter_option(value: str) -> tuple[str, Path]:
+    """`name=PATH`, or a bare PATH named after its folder (the run folder for RUN/adapter)."""
+    if "=" in value:
+        name, _, path = value.partition("=")
+        if not name or not path:
+            raise ConfigError(f"--adapter {value!r}: expected NAME=PATH")
+        return name, Path(path)
+    p = Path(value)
+    name = p.resolve().parent.name if p.name == "adapter" else p.resolve().name
+    return name, p
+
+
+def serve_command(
+    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Base model: built-in name, hub id, folder or .gguf."),
+    adapter: list[str] = typer.Option([], "--adapter", help="Serve an adapter: NAME=PATH (repeatable)."),
+    adapters_dir: Path | None = typer.Option(
+        None, "--adapters-dir", help="Serve every adapter in this folder (sub-folders, or tunelab runs with adapter/)."
+    ),
+    max_loaded_adapters: int = typer.Option(8, help="Adapters kept in memory; least recently used leave first."),
+    max_batch_size: int = typer.Option(32, help="Most sequences generated in one forward pass."),
+    merge: str | None = typer.Option(None, "--merge", help="Fold this adapter into the weights and serve only it."),
+    api_key: list[str] = typer.Option([], "--api-key", help="Accept this bearer key (repeatable)."),
+    api_keys_file: Path | None = typer.Option(None, "--api-keys-file", help="File of keys: 'KEY [OWNER]' per line."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
+    port: int = typer.Option(8000, help="Port to listen on (0 picks a free one)."),
+    shutdown_timeout: int = typer.Option(30, help="Seconds in-flight requests get to finish after SIGTERM."),
+    dtype: str = typer.Option("auto", help="auto, bf16, fp16 or fp32."),
+    load_in_4bit: bool = typer.Option(False, "--load-in-4bit", help="Load the base in 4-bit NF4 (bitsandbytes)."),
+    device: str | None = typer.Option(None, help="cpu, cuda, cuda:1 ... (default: cuda if available)."),
+    served_model_name: str | None = typer.Option(None, help="Name clients use for the base (default: --model)."),
+    max_tokens_limit: int = typer.Option(4096, help="Largest max_tokens a request may ask for."),
+    max_n: int = typer.Option(8, help="Largest n a request may ask for."),
+    max_request_bytes: int = typer.Option(1_000_000, help="Largest request body in bytes."),
+    mixed_batching: bool = typer.Option(True, help="Batch requests for different adapters together."),
+    log_level: str = typer.Option("warning", help="uvicorn log level."),
+) -> None:
+    """Serve the base model and its adapters over an OpenAI-compatible API."""
+    from tunelab.engine.engine import Engine
+    from tunelab.server import ServerSettings, create_app, load_api_keys
+    from tunelab.server.run import serve
+
+    adapters = dict(parse_adapter_option(a) for a in adapter)
+    keys = load_api_keys(api_key, api_keys_file)
+    settings = ServerSettings(api_keys=keys, max_tokens_limit=max_tokens_limit, max_n=max_n,
+                              max_request_bytes=max_request_bytes)
+    typer.echo(f"loading {model} ...")
+    engine = Engine.from_pretrained(
+        model, dtype=dtype, load_in_4bit=load_in_4bit, device=device, adapters=adapters, adapters_dir=adapters_dir,
+        merge=merge, served_model_name=served_model_name, max_loaded_adapters=max_loaded_adapters,
+        max_batch_size=max_batch_size, mixed_batching=mixed_batching,
+    )
+    app = create_app(engine, settings)
+
+    def announce(url: str) -> None:
+        names = [m.id for m in engine.list_models()]
+        typer.echo(f"serving on {url}")
+        typer.echo(f"models: {', '.join(names)}")
+        for path, why in engine.rejected.items():
+            typer.echo(f"skipped {path}: {why}")
+        if adapters_dir is not None and not adapters_dir.exists():
+            typer.echo(f"note: {adapters_dir} does not exist yet; adapters that appear there will be served")
+        auth = " -H 'Authorization: Bearer $KEY'" if keys else ""
+        typer.echo(
+            f"try: curl {url}/chat/completions{auth} -H 'Content-Type: application/json' "
+            f"-d '{{\"model\": \"{names[-1]}\", \"messages\": [{{\"role\": \"user\", \"content\": \"Hello\"}}]}}'"
+        )
+
+    try:
+        serve(app, host, port, shutdown_timeout=shutdown_timeout, log_level=log_level, on_listening=announce)
+    finally:
+        engine.close()
+    typer.echo("server stopped")
+
+
+def register(app: typer.Typer, data_app: typer.Typer) -> None:
+    app.command("serve")(serve_command)
