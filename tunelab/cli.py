@@ -25,6 +25,8 @@ COMMAND_MODULES: list[str] = [
     "tunelab.data.toolkit.cli",
     "tunelab.eval.cli",
     "tunelab.engine.cli",
+    "tunelab.jobs.cli",
+    "tunelab.train.cli_pref",
 ]
 
 

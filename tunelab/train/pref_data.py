@@ -80,7 +80,8 @@ def make_pair(rng: random.Random, kind: str) -> dict[str, str]:
 def pairs(n: int, seed: int) -> list[dict[str, str]]:
     rng = random.Random(seed)
     kinds = ["json", "concise", "polite"]
-    out, seen = [], set()
+    out: list[dict[str, str]] = []
+    seen: set[tuple[str, str, str]] = set()
     while len(out) < n:
         p = make_pair(rng, kinds[len(out) % 3])
         key = (p["prompt"], p["chosen"], p["rejected"])
@@ -93,8 +94,9 @@ def pairs(n: int, seed: int) -> list[dict[str, str]]:
 def kto_rows(prs: list[dict[str, str]]) -> list[dict[str, Any]]:
     rows: dict[tuple[str, str], dict[str, Any]] = {}
     for i, p in enumerate(prs):
-        row = {"prompt": p["prompt"], "completion": p["chosen"] if i % 2 == 0 else p["rejected"], "label": i % 2 == 0}
-        rows.setdefault((row["prompt"], row["completion"]), row)  # short polite/rude replies repeat
+        completion = p["chosen"] if i % 2 == 0 else p["rejected"]
+        row = {"prompt": p["prompt"], "completion": completion, "label": i % 2 == 0}
+        rows.setdefault((p["prompt"], completion), row)  # short polite/rude replies repeat
     return list(rows.values())
 
 
