@@ -17,10 +17,10 @@ from pathlib import Path
 from typing import Any
 
 import xxhash
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tunelab.data.records import Conversation, Preference, Record
-from tunelab.data.toolkit.dedup import minhash
+from tunelab.data.toolkit.dedup import check_lsh, minhash
 from tunelab.data.toolkit.io import (
     JsonlWriter,
     RejectWriter,
@@ -52,6 +52,11 @@ class ContaminationConfig(BaseModel):
     shingle_size: int = Field(default=3, ge=1)
     roles: list[str] | None = None
     num_proc: int | None = None
+
+    @model_validator(mode="after")
+    def _bands(self) -> ContaminationConfig:
+        check_lsh(self.threshold, self.num_perm)
+        return self
 
 
 @dataclass

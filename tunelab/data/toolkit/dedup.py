@@ -19,7 +19,7 @@ from typing import Any, Literal
 
 import numpy as np
 import xxhash
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, model_validator
 
 from tunelab.data.toolkit.io import (
     JsonlWriter,
@@ -61,8 +61,21 @@ class DedupConfig(BaseModel):
     seed: int = 1
     num_proc: int | None = None
 
+    @model_validator(mode="after")
+    def _bands(self) -> DedupConfig:
+        if self.index == "lsh" or self.redis_url:  # datasketch's MinHashLSH wants >= 2 bands; ours copes with 1
+            check_lsh(self.threshold, self.num_perm)
+        return self
+
 
 _PERMS: dict[tuple[int, int], Any] = {}
+
+
+def check_lsh(threshold: float, num_perm: int) -> None:
+    """LSH needs at least two bands; a very high threshold with few permutations has one."""
+    if lsh_params(threshold, num_perm)[0] < 2:
+        raise ValueError(f"threshold {threshold} is too high for num_perm {num_perm} (LSH needs >= 2 bands); "
+                         "raise num_perm or lower the threshold")
 
 
 def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
