@@ -147,10 +147,10 @@ POOL_A = Pool(
         "NKDA.",
         "Exam otherwise WNL.",
     ),
-    dx_sentences=("Dx: {dx}.", "A: {dx}.", "Assessment: {dx}.", "Likely {dx}."),
-    code_styles=("{name} ({code})", "{name}, {code}"),
+    dx_sentences=("Dx: {dx}.", "A: {dx}.", "Assessment: {dx}.", "Likely {dx}.", "Suspect {dx}."),
+    code_styles=("{name} ({code})", "{name}, {code}", "{name}, code {code}"),
     dx_joiners=("; ", " and "),
-    plan_sentences=("Plan: {plan}.", "P: {plan}.", "Plan - {plan}."),
+    plan_sentences=("Plan: {plan}.", "P: {plan}.", "Plan - {plan}.", "Orders: {plan}."),
     follow_ups=(", f/u {w} wks", ", RTC PRN", ", f/u {n}d"),
     one_liners=(
         "{demo} c/o {cc} {dur}; dx {dx}; plan {plan}.",
