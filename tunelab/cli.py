@@ -24,6 +24,7 @@ COMMAND_MODULES: list[str] = [
     # helpers add their command modules below this line
     "tunelab.data.toolkit.cli",
     "tunelab.eval.cli",
+    "tunelab.jobs.cli",
     "tunelab.engine.cli",
     "tunelab.jobs.cli",
     "tunelab.train.cli_pref",

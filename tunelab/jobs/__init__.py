@@ -1,0 +1,11 @@
+"""OpenAI's Files and Fine-tuning Jobs APIs, self-hosted on `tunelab serve-jobs`.
+
+  store.py    durable state (SQLAlchemy: SQLite by default, any SQLAlchemy URL such as PostgreSQL)
+  hyper.py    request -> RunConfig: "auto" hyperparameters (OpenAI's rules) and tunelab's own options
+  service.py  the API's behaviour over the store (objects, ownership, pagination, state changes)
+  workers.py  validation and training in child processes, event/checkpoint harvesting, restart recovery
+  child.py    the child process entry (`python -m tunelab.jobs.child`): the only place torch is imported
+  routes.py   thin FastAPI routers; app.py builds the served app; cli.py the commands.
+
+Nothing here except child.py (run in its own process) and cli.py's engine start imports torch.
+"""

@@ -1,0 +1,179 @@
+"""The child process of a job: `python -m tunelab.jobs.child validate|train JOB_DIR`.
+
+The only place in tunelab.jobs that imports torch (through tunelab.train). Usually started "warm" (no
+JOB_DIR: it imports everything first, then reads the job folder from stdin). It talks to the server through
+files in the job folder, never the database: `validate` writes validate.json; `train` runs
+`tunelab.train.run.train(cfg, resume=True)` on JOB_DIR/config.yaml (metrics.jsonl and checkpoints land in
+JOB_DIR/run, where the server's worker reads them) and writes result.json. A watchdog thread exits the child
+when the server that started it dies, so a killed server never leaves an orphan training behind.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import threading
+import time
+import traceback
+from pathlib import Path
+from typing import Any
+
+FILE_PARAMS = {"train.jsonl": "training_file", "valid.jsonl": "validation_file"}
+_TOKENIZERS: dict[tuple[str, str | None, bool], Any] = {}
+
+
+def _watch_parent(parent: int) -> None:
+    while True:
+        if os.getppid() != parent:
+            os._exit(75)  # the server is gone; its restart resumes this job from the last checkpoint
+        time.sleep(0.5)
+
+
+def _write_json(path: Path, obj: dict[str, Any]) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def _register_methods() -> set[str]:
+    """Method names `tunelab train` knows, with the preference methods when their module is present."""
+    from tunelab.train.run import METHODS
+
+    try:
+        from tunelab.train.cli_pref import register_methods
+
+        register_methods()
+    except ImportError:
+        pass
+    return set(METHODS)
+
+
+def _issue_text(issue: Any, label: str) -> str:
+    where = label + (f", line {issue.line}" if issue.line is not None else "")
+    if issue.field:
+        where += f", field {issue.field}"
+    return f"{where}: {issue.message}"
+
+
+def validate(job_dir: Path) -> dict[str, Any]:
+    """Validate the job's files with the base model's tokenizer, as `tunelab train` would."""
+    from tunelab.config import load_config
+    from tunelab.data.validate import validate_file
+    from tunelab.model.loading import load_tokenizer, resolve_model
+
+    spec = json.loads((job_dir / "spec.json").read_text())
+    cfg = load_config(job_dir / "probe.yaml")
+    if cfg.method != "sft" and cfg.method not in _register_methods():
+        return {"ok": False, "code": "unsupported_method", "param": "method.type",
+                "message": f"method {cfg.method!r} is not supported by this server yet"}
+    expect = "preference" if cfg.method in ("dpo", "orpo", "simpo") else None
+    key = (cfg.model.name, cfg.model.gguf_file, cfg.model.trust_remote_code)
+    if key not in _TOKENIZERS:  # a warm validator serves many jobs on the same base
+        _TOKENIZERS[key] = load_tokenizer(resolve_model(cfg.model.name, cfg.model.gguf_file), cfg.model.trust_remote_code)
+    tok = _TOKENIZERS[key]
+    out: dict[str, Any] = {"ok": True}
+    for name, label in spec["files"].items():
+        path = job_dir / "data" / name
+        is_train = name == "train.jsonl"
+        rep = validate_file(path, tok, cfg.data.max_seq_len, expect=expect,
+                            min_examples=cfg.data.min_examples if is_train else 1)
+        if rep.errors:
+            shown = [_issue_text(i, label) for i in rep.errors[:20]]
+            more = f" (and {len(rep.errors) - 20} more)" if len(rep.errors) > 20 else ""
+            kind = "training" if is_train else "validation"
+            return {"ok": False, "code": f"invalid_{kind}_file", "param": FILE_PARAMS[name],
+                    "message": f"invalid {kind} file: " + "; ".join(shown) + more}
+        if is_train:
+            out.update(n_examples=rep.examples, trained_tokens_per_epoch=rep.trained_tokens,
+                       warnings=[_issue_text(i, label) for i in rep.warnings[:5]])
+    return out
+
+
+def train_job(job_dir: Path) -> dict[str, Any]:
+    from tunelab.config import load_config
+    from tunelab.train.run import train
+
+    _register_methods()
+    cfg = load_config(job_dir / "config.yaml")
+    result = train(cfg, resume=True, console=None, show_progress=False)
+    return {"ok": True, "tokens_seen": result.state.tokens_seen, "step": result.state.step,
+            "final_valid": result.final_valid}
+
+
+def _preload(mode: str) -> None:
+    """Import what the work needs before any job arrives, so a warm child starts a job without the import
+    cost (torch, transformers, peft: seconds; tens of seconds on a busy machine)."""
+    # transformers and peft import lazily: name the classes so the real import work happens now.
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast  # noqa: F401
+
+    import tunelab.data.validate  # noqa: F401
+    import tunelab.model.loading  # noqa: F401
+
+    if mode == "train":
+        import accelerate  # noqa: F401
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot  # noqa: F401
+        from peft import LoraConfig, PeftModel, get_peft_model  # noqa: F401
+        from transformers import AutoModelForCausalLM  # noqa: F401
+
+        import tunelab.train.run  # noqa: F401
+        import tunelab.train.sft  # noqa: F401
+
+        _register_methods()
+
+
+def _redirect_output(log: Path) -> None:
+    # A warm child learns its job only now: from here on its output belongs to that job's log.
+    fd = os.open(log, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o644)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os.dup2(fd, 1)
+    os.dup2(fd, 2)
+    os.close(fd)
+
+
+def run_one(mode: str, job_dir: Path) -> bool:
+    from tunelab.errors import TunelabError
+
+    out_file = job_dir / ("validate.json" if mode == "validate" else "result.json")
+    try:
+        result = validate(job_dir) if mode == "validate" else train_job(job_dir)
+    except TunelabError as e:
+        code = "invalid_training_file" if type(e).__name__ == "DataError" else "training_failed"
+        result = {"ok": False, "code": code, "param": "training_file" if code == "invalid_training_file" else None,
+                  "message": e.message}
+    except Exception as e:  # any crash becomes the job's error; the traceback stays in child.log
+        traceback.print_exc()
+        result = {"ok": False, "code": "internal_error", "param": None, "message": f"{type(e).__name__}: {e}"}
+    _write_json(out_file, result)
+    return bool(result.get("ok"))
+
+
+def main(argv: list[str]) -> int:
+    """`validate|train JOB_DIR` runs one job. `validate|train` alone is a warm child: it preloads, then reads
+    job folders from stdin, one per line (train: exactly one job, then exit; validate: until stdin closes),
+    answering each with a line on stdout once its result file is written."""
+    threading.Thread(target=_watch_parent, args=(os.getppid(),), daemon=True).start()
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    mode = argv[0]
+    if len(argv) > 1:
+        return 0 if run_one(mode, Path(argv[1])) else 1
+    answer = os.fdopen(os.dup(1), "w", buffering=1)  # kept: fds 1 and 2 move to each job's log
+    _redirect_output(Path(os.devnull))  # library chatter while importing must not reach the answer pipe
+    _preload(mode)
+    for line in sys.stdin:
+        job_dir = Path(line.strip())
+        _redirect_output(job_dir / "child.log")
+        ok = run_one(mode, job_dir)
+        if mode == "train":
+            return 0 if ok else 1
+        answer.write("done\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,601 @@
+"""Workers: validate and train jobs in child processes, and turn what the children write into API state.
+
+One validator thread takes jobs in `validating_files` (a short child that checks the files with the base
+model's tokenizer, then resolves "auto" hyperparameters); N trainer threads each claim one `queued` job at a
+time (an atomic compare-and-set in SQL) and run `python -m tunelab.jobs.child train` in its own process
+group. While the child runs, its trainer thread harvests metrics.jsonl into events and new checkpoints into
+servable checkpoint models, and watches for cancel (kill now), pause (kill right after the next checkpoint)
+and server shutdown (kill; the job stays `running` and resumes on restart).
+
+Restart recovery (`start`): jobs left `running` go back to `queued` and resume from their last checkpoint
+(the training loop's exact resume); a stale child still alive is killed first; finished models and
+checkpoints are registered with the engine again. Events, files and models all live in the store/data dir.
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import logging
+import math
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+from sqlalchemy.engine import RowMapping
+
+from tunelab.jobs import hyper
+from tunelab.jobs.service import JobsService
+from tunelab.jobs.store import checkpoints, jobs, new_id, now
+
+log = logging.getLogger(__name__)
+CKPT_PREFIX = "step-"
+
+
+@dataclass
+class _Running:
+    job_id: str
+    proc: subprocess.Popen[bytes]
+    started: float
+    start_step: int
+    killed: str | None = None  # why we killed it: cancel | pause | shutdown
+    pause_seen_ckpts: int | None = None
+    metrics_by_step: dict[int, dict[str, Any]] = field(default_factory=dict)
+
+
+def _kill_group(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is not None:
+        return
+    try:
+        os.killpg(proc.pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        proc.kill()
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # pragma: no cover - SIGKILL does not wait on the child
+        log.error("child %s did not exit after SIGKILL", proc.pid)
+
+
+def _pid_is_our_child(pid: int) -> bool:
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
+    return b"tunelab.jobs.child" in cmdline
+
+
+class _ReadLine:
+    """Waits for one answer line from a warm validator without blocking the caller's polling loop."""
+
+    def __init__(self, proc: subprocess.Popen[bytes]) -> None:
+        self._got = threading.Event()
+        self._proc = proc
+        threading.Thread(target=self._read, daemon=True).start()
+
+    def _read(self) -> None:
+        assert self._proc.stdout is not None
+        try:
+            self._proc.stdout.readline()
+        except (OSError, ValueError):
+            pass
+        self._got.set()
+
+    def done(self) -> bool:
+        return self._got.is_set()
+
+
+class WorkerPool:
+    def __init__(self, service: JobsService, n_workers: int = 1, poll_s: float = 0.25) -> None:
+        if n_workers < 1:
+            raise ValueError("n_workers must be at least 1")
+        self.service = service
+        self.store = service.store
+        self.n_workers = n_workers
+        self.poll_s = poll_s
+        self.python = service.settings.python or sys.executable
+        self._wake = threading.Condition()
+        self._stop = threading.Event()
+        self._running: dict[str, _Running] = {}
+        self._lock = threading.Lock()
+        self._threads: list[threading.Thread] = []
+        self._claim_lock = threading.Lock()
+        self._spares: dict[str, subprocess.Popen[bytes]] = {}
+        self._validator_proc: subprocess.Popen[bytes] | None = None
+        service.workers = self
+
+    # ------------------------------------------------------------------ control
+    def start(self, warm: bool = True) -> None:
+        self.recover()
+        self._warm = warm
+        self._threads = [threading.Thread(target=self._validator, name="jobs-validator", daemon=True)]
+        self._threads += [threading.Thread(target=self._trainer, name=f"jobs-worker-{i}", daemon=True)
+                          for i in range(self.n_workers)]
+        for t in self._threads:
+            t.start()
+
+    def stop(self) -> None:
+        """Stop taking jobs and kill running children; their jobs stay `running` and resume on restart."""
+        self._stop.set()
+        with self._lock:
+            for r in self._running.values():
+                r.killed = r.killed or "shutdown"
+                _kill_group(r.proc)
+            spares = list(self._spares.values())
+            self._spares.clear()
+        for p in spares:
+            _kill_group(p)
+        self._drop_validator()
+        self.notify()
+        for t in self._threads:
+            t.join(timeout=30)
+
+    def notify(self) -> None:
+        with self._wake:
+            self._wake.notify_all()
+
+    def kill(self, job_id: str) -> None:
+        with self._lock:
+            r = self._running.get(job_id)
+            if r is not None:
+                r.killed = "cancel"
+                _kill_group(r.proc)
+
+    def _sleep(self) -> None:
+        with self._wake:
+            self._wake.wait(timeout=1.0)
+
+    # ------------------------------------------------------------------ warm children
+    def _spawn(self, mode: str) -> subprocess.Popen[bytes]:
+        return subprocess.Popen([self.python, "-m", "tunelab.jobs.child", mode], stdin=subprocess.PIPE,
+                                stdout=subprocess.PIPE if mode == "validate" else subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL, start_new_session=True)
+
+    def _keep_spare(self) -> None:
+        """Each trainer thread keeps one idle child that has already imported torch and friends."""
+        name = threading.current_thread().name
+        with self._lock:
+            spare = self._spares.get(name)
+            if spare is None or spare.poll() is not None:
+                self._spares[name] = self._spawn("train")
+
+    def _take_spare(self) -> subprocess.Popen[bytes]:
+        name = threading.current_thread().name
+        with self._lock:
+            spare = self._spares.pop(name, None)
+        if spare is None or spare.poll() is not None:
+            spare = self._spawn("train")
+        return spare
+
+    def _validator_child(self) -> subprocess.Popen[bytes]:
+        with self._lock:
+            if self._validator_proc is None or self._validator_proc.poll() is not None:
+                self._validator_proc = self._spawn("validate")
+            return self._validator_proc
+
+    def _drop_validator(self) -> None:
+        with self._lock:
+            proc, self._validator_proc = self._validator_proc, None
+        if proc is not None:
+            _kill_group(proc)
+
+    # ------------------------------------------------------------------ recovery
+    def recover(self) -> None:
+        for row in self.store.jobs_in("running"):
+            if row["pid"] and _pid_is_our_child(row["pid"]):
+                try:
+                    os.killpg(row["pid"], signal.SIGKILL)
+                except OSError:
+                    pass
+            to = "paused" if row["pause_requested"] else "queued"
+            self.store.update_job(row["id"], only_if_status=("running",), status=to, pid=None,
+                                  pause_requested=False, estimated_finish=None)
+            ck = self.service.job_dir(row["id"]) / "run" / "checkpoints"
+            steps = sorted(int(p.name[len(CKPT_PREFIX):]) for p in ck.glob(CKPT_PREFIX + "*")) if ck.is_dir() else []
+            where = f"its last checkpoint (step {steps[-1]})" if steps else "the start (no checkpoint was written)"
+            self.store.add_event(row["id"], f"The server restarted; the job {'is paused' if to == 'paused' else 'resumes'}"
+                                 f" from {where}", level="warn")
+        for row in self.store.jobs_in("succeeded", "running", "queued", "paused"):
+            for ck_row in self.store.checkpoints_of(row["id"]):
+                self._serve(ck_row["model_name"], ck_row["path"], row)
+            if row["status"] == "succeeded" and row["fine_tuned_model"]:
+                self._serve(row["fine_tuned_model"], str(self.service.job_dir(row["id"]) / "run" / "adapter"), row)
+
+    def _serve(self, name: str, path: str, row: RowMapping) -> None:
+        err = self.service.register(name, path, row["owner"])
+        if err:
+            self.store.add_event(row["id"], f"Could not serve {name}: {err}", level="warn")
+
+    # ------------------------------------------------------------------ validation
+    def _validator(self) -> None:
+        if self._warm:
+            self._validator_child()
+        while not self._stop.is_set():
+            pending = self.store.jobs_in("validating_files")
+            if not pending:
+                self._sleep()
+                continue
+            try:
+                self._validate(pending[0])
+            except Exception as e:  # a bug here must not stop validation of other jobs
+                log.exception("validating %s failed", pending[0]["id"])
+                self._fail(pending[0]["id"], "internal_error", f"validation crashed: {e}", None, ("validating_files",))
+
+    def _validate(self, row: RowMapping) -> None:
+        job_id = row["id"]
+        jdir = self.service.job_dir(job_id)
+        req = hyper.JobCreate.model_validate_json((jdir / "request.json").read_text())
+        has_valid = (jdir / "data" / "valid.jsonl").exists()
+        settings = self.service.settings
+        probe, _ = hyper.build_config(base_model=settings.base_model, train_path=str(jdir / "data" / "train.jsonl"),
+                                      valid_path=str(jdir / "data" / "valid.jsonl") if has_valid else None,
+                                      output_dir=str(jdir / "run"), req=req, n_examples=100,
+                                      server_sets=settings.server_sets)
+        (jdir / "probe.yaml").write_text(yaml.safe_dump(probe.model_dump(mode="json"), sort_keys=False))
+        labels = {"train.jsonl": f"training file {row['training_file']}"}
+        if has_valid:
+            labels["valid.jsonl"] = f"validation file {row['validation_file']}"
+        (jdir / "spec.json").write_text(json.dumps({"files": labels}))
+        (jdir / "validate.json").unlink(missing_ok=True)
+        proc = self._validator_child()
+        assert proc.stdin is not None and proc.stdout is not None
+        try:
+            proc.stdin.write(f"{jdir}\n".encode())
+            proc.stdin.flush()
+        except OSError:
+            pass  # it died; the missing validate.json below reports it
+        answered = _ReadLine(proc)
+        while not answered.done():
+            if self._stop.is_set() or self.store.get(jobs, job_id)["status"] != "validating_files":  # type: ignore[index]
+                self._drop_validator()
+                return
+            if proc.poll() is not None:
+                self._drop_validator()
+                break
+            time.sleep(self.poll_s / 2)
+        try:
+            result = json.loads((jdir / "validate.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            result = {"ok": False, "code": "internal_error", "param": None,
+                      "message": f"file validation crashed (exit code {proc.poll()}): {_tail(jdir / 'child.log')}"}
+        if not result["ok"]:
+            self._fail(job_id, result["code"], result["message"], result.get("param"), ("validating_files",))
+            return
+        n = int(result["n_examples"])
+        cfg, resolved = hyper.build_config(base_model=settings.base_model, train_path=str(jdir / "data" / "train.jsonl"),
+                                           valid_path=str(jdir / "data" / "valid.jsonl") if has_valid else None,
+                                           output_dir=str(jdir / "run"), req=req, n_examples=n,
+                                           server_sets=settings.server_sets)
+        tmp = jdir / "config.yaml.tmp"
+        tmp.write_text(yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False))
+        os.replace(tmp, jdir / "config.yaml")
+        for w in result.get("warnings", []):
+            self.store.add_event(job_id, w, level="warn")
+        if self.store.update_job(job_id, only_if_status=("validating_files",), status="queued",
+                                 hyperparameters={**row["hyperparameters"], **resolved},
+                                 total_steps=hyper.total_steps(cfg, n)):
+            self.store.add_event(job_id, f"Files validated ({n} training examples); moving job to queued state. "
+                                 f"Hyperparameters: {json.dumps(resolved)}")
+            self.notify()
+
+    def _fail(self, job_id: str, code: str, message: str, param: str | None, from_status: tuple[str, ...]) -> None:
+        if self.store.update_job(job_id, only_if_status=from_status, status="failed", finished_at=now(),
+                                 estimated_finish=None, pid=None,
+                                 error={"code": code, "message": message, "param": param}):
+            self.store.add_event(job_id, message, level="error")
+
+    # ------------------------------------------------------------------ training
+    def _claim(self) -> RowMapping | None:
+        with self._claim_lock:
+            for row in self.store.jobs_in("queued"):
+                if self.store.update_job(row["id"], only_if_status=("queued",), status="running",
+                                         started_at=row["started_at"] or now(), pause_requested=False):
+                    return self.store.get(jobs, row["id"])
+        return None
+
+    def _trainer(self) -> None:
+        if self._warm:
+            self._keep_spare()
+        while not self._stop.is_set():
+            row = self._claim()
+            if row is None:
+                self._sleep()
+                continue
+            try:
+                self._train(row)
+            except Exception as e:
+                log.exception("job %s: worker error", row["id"])
+                self._fail(row["id"], "internal_error", f"worker error: {type(e).__name__}: {e}", None, ("running",))
+
+    def _train(self, row: RowMapping) -> None:
+        job_id = row["id"]
+        jdir = self.service.job_dir(job_id)
+        run_ckpts = jdir / "run" / "checkpoints"
+        last = sorted(run_ckpts.glob(CKPT_PREFIX + "*")) if run_ckpts.is_dir() else []
+        start_step = int(last[-1].name[len(CKPT_PREFIX):]) if last else 0
+        self.store.add_event(job_id, "Fine-tuning job started" if not start_step and not row["step"]
+                             else f"Fine-tuning job resumed from checkpoint at step {start_step}")
+        (jdir / "result.json").unlink(missing_ok=True)
+        proc = self._take_spare()
+        assert proc.stdin is not None
+        try:
+            proc.stdin.write(f"{jdir}\n".encode())
+            proc.stdin.close()
+        except OSError:
+            pass  # it died while idle; its exit without result.json fails the job with the log's tail
+        run = _Running(job_id, proc, time.time(), start_step)
+        with self._lock:
+            self._running[job_id] = run
+        self.store.update_job(job_id, pid=proc.pid)
+        cfg = yaml.safe_load((jdir / "config.yaml").read_text())
+        try:
+            while proc.poll() is None:
+                self._harvest(run, cfg)
+                self._control(run)
+                if (jdir / "result.json").exists():
+                    # The child's work is done once its result is written: don't wait for the interpreter's
+                    # teardown (seconds with torch loaded).
+                    if not _wait_quietly(proc, 2):
+                        _kill_group(proc)
+                    break
+                time.sleep(self.poll_s)
+            self._harvest(run, cfg, final=True)
+        finally:
+            with self._lock:
+                self._running.pop(job_id, None)
+        self._finish(run, jdir)
+        if not self._stop.is_set():
+            self._keep_spare()  # warm up the next job's child while this worker is between jobs
+
+    def _control(self, run: _Running) -> None:
+        row = self.store.get(jobs, run.job_id)
+        assert row is not None
+        if row["status"] != "running":  # cancelled by a request (kill() normally got there first)
+            run.killed = run.killed or "cancel"
+            _kill_group(run.proc)
+        elif self._stop.is_set():
+            run.killed = "shutdown"
+            _kill_group(run.proc)
+        elif row["pause_requested"]:
+            n = len(self.store.checkpoints_of(run.job_id))
+            if run.pause_seen_ckpts is None:
+                run.pause_seen_ckpts = n
+                total, every = row["total_steps"] or 0, self._save_every(run.job_id)
+                next_ckpt = (row["step"] // every + 1) * every if every else None
+                if next_ckpt is None or next_ckpt >= total:  # no checkpoint ahead: stop now
+                    run.killed = "pause"
+                    _kill_group(run.proc)
+            elif n > run.pause_seen_ckpts:
+                run.killed = "pause"
+                _kill_group(run.proc)
+
+    def _save_every(self, job_id: str) -> int | None:
+        cfg = yaml.safe_load((self.service.job_dir(job_id) / "config.yaml").read_text())
+        every = cfg["train"].get("save_every")
+        return int(every) if every else None
+
+    def _finish(self, run: _Running, jdir: Path) -> None:
+        job_id = run.job_id
+        row = self.store.get(jobs, job_id)
+        assert row is not None
+        if run.killed == "shutdown" or row["status"] != "running":
+            return  # stays running for recovery, or was cancelled
+        if run.killed == "pause":
+            if self.store.update_job(job_id, only_if_status=("running",), status="paused", pause_requested=False,
+                                     pid=None, estimated_finish=None):
+                self.store.add_event(job_id, f"Fine-tuning job paused at step {row['step']}; resume continues "
+                                     "from its last checkpoint")
+            return
+        try:
+            result = json.loads((jdir / "result.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            result = {"ok": False, "code": "training_crashed", "param": None,
+                      "message": f"training process exited with code {run.proc.returncode}: {_tail(jdir / 'child.log')}"}
+        if not result["ok"]:
+            self._fail(job_id, result["code"], result["message"], result.get("param"), ("running",))
+            return
+        self._succeed(run, row, result, jdir)
+
+    def _succeed(self, run: _Running, row: RowMapping, result: dict[str, Any], jdir: Path) -> None:
+        job_id = row["id"]
+        name = self.service.model_name(row)
+        adapter = jdir / "run" / "adapter"
+        step = int(result.get("step") or row["step"])
+        metrics = _ckpt_metrics(run.metrics_by_step, step)
+        self._add_checkpoint(row, step, adapter, metrics)
+        csv_bytes = result_csv(jdir / "run" / "metrics.jsonl")
+        result_id = self.service.add_result_file(row["owner"], "step_metrics.csv", csv_bytes)
+        err = self.service.register(name, str(adapter), row["owner"])
+        if not self.store.update_job(job_id, only_if_status=("running",), status="succeeded", finished_at=now(),
+                                     fine_tuned_model=name, trained_tokens=int(result.get("tokens_seen") or 0),
+                                     result_files=[result_id], estimated_finish=None, pid=None, step=step):
+            return
+        self.store.add_event(job_id, f"New fine-tuned model created: {name}")
+        if err:
+            self.store.add_event(job_id, f"Could not serve {name}: {err}", level="warn")
+        self.store.add_event(job_id, "The job has successfully completed")
+
+    # ------------------------------------------------------------------ harvesting
+    def _harvest(self, run: _Running, cfg: dict[str, Any], final: bool = False) -> None:
+        row = self.store.get(jobs, run.job_id)
+        assert row is not None
+        path = self.service.job_dir(run.job_id) / "run" / "metrics.jsonl"
+        if path.exists():
+            self._harvest_metrics(run, row, path, cfg, final)
+        self._harvest_checkpoints(run, self.store.get(jobs, run.job_id) or row)
+
+    def _harvest_metrics(self, run: _Running, row: RowMapping, path: Path, cfg: dict[str, Any], final: bool) -> None:
+        offset, last_train, last_valid = row["metrics_offset"], row["last_train_step"], row["last_valid_step"]
+        total = row["total_steps"] or 0
+        with path.open("rb") as f:
+            f.seek(offset)
+            blob = f.read()
+        # Only whole lines; a train row at an evaluation step waits for its validation row (merged into one
+        # metrics event, as OpenAI's carry train and valid loss together).
+        lines: list[tuple[int, dict[str, Any]]] = []
+        pos = 0
+        while True:
+            nl = blob.find(b"\n", pos)
+            if nl < 0:
+                break
+            try:
+                lines.append((offset + nl + 1, json.loads(blob[pos:nl])))
+            except json.JSONDecodeError:
+                pass
+            pos = nl + 1
+        has_valid = bool(cfg["data"].get("validation"))
+        eval_every = cfg["train"].get("eval_every")
+        new_events: list[tuple[str, str, dict[str, Any] | None]] = []
+        consumed = offset
+        i = 0
+        while i < len(lines):
+            end, m = lines[i]
+            step = int(m.get("step", 0))
+            if "warning" in m:
+                new_events.append(("warn", m["warning"], None))
+            elif m.get("baseline"):
+                if step > last_valid:
+                    last_valid = step
+                    vl = m.get("valid_loss")
+                    new_events.append(("info", f"Baseline (before training): validation loss={vl:.4f}", None))
+            elif "train_loss" in m:
+                wants_valid = has_valid and (step == total or bool(eval_every and step % eval_every == 0))
+                valid_row = None
+                if wants_valid:
+                    nxt = lines[i + 1][1] if i + 1 < len(lines) else None
+                    if nxt is not None and nxt.get("step") == step and "valid_loss" in nxt:
+                        valid_row = nxt
+                        end = lines[i + 1][0]
+                        i += 1
+                    elif not final:
+                        break  # wait for the validation row
+                if step > last_train:
+                    last_train = step
+                    data = {"step": step, "total_steps": total, "train_loss": m["train_loss"],
+                            "train_mean_token_accuracy": m.get("train_token_acc"), "learning_rate": m.get("lr"),
+                            "tokens_seen": m.get("tokens_seen")}
+                    msg = f"Step {step}/{total}: training loss={m['train_loss']:.4f}"
+                    if valid_row is not None:
+                        last_valid = step
+                        data.update(valid_loss=valid_row["valid_loss"],
+                                    valid_mean_token_accuracy=valid_row.get("valid_token_acc"),
+                                    full_valid_loss=valid_row["valid_loss"],
+                                    full_valid_mean_token_accuracy=valid_row.get("valid_token_acc"))
+                        msg += f", validation loss={valid_row['valid_loss']:.4f}"
+                    run.metrics_by_step[step] = data
+                    new_events.append(("metrics", msg, data))
+            elif "valid_loss" in m and step > last_valid:
+                last_valid = step
+                data = {"step": step, "total_steps": total, "valid_loss": m["valid_loss"],
+                        "valid_mean_token_accuracy": m.get("valid_token_acc")}
+                run.metrics_by_step.setdefault(step, {}).update(data)
+                new_events.append(("metrics", f"Step {step}/{total}: validation loss={m['valid_loss']:.4f}", data))
+            consumed = end
+            i += 1
+        if consumed == offset and not new_events:
+            return
+        values: dict[str, Any] = {"metrics_offset": consumed, "last_train_step": last_train,
+                                  "last_valid_step": last_valid, "step": max(row["step"], last_train)}
+        done_now = last_train - run.start_step
+        if done_now > 0 and total:
+            rate = (time.time() - run.started) / done_now
+            values["estimated_finish"] = int(time.time() + rate * max(0, total - last_train))
+        with self.store.write() as c:
+            for kind, msg, payload in new_events:
+                self.store.add_event(run.job_id, msg, level="warn" if kind == "warn" else "info",
+                                     type="metrics" if kind == "metrics" else "message", data=payload, conn=c)
+            c.execute(jobs.update().where(jobs.c.id == run.job_id).values(**values))
+
+    def _harvest_checkpoints(self, run: _Running, row: RowMapping) -> None:
+        src_root = self.service.job_dir(run.job_id) / "run" / "checkpoints"
+        if not src_root.is_dir():
+            return
+        known = {r["step_number"] for r in self.store.checkpoints_of(run.job_id)}
+        for d in sorted(src_root.glob(CKPT_PREFIX + "*")):
+            step = int(d.name[len(CKPT_PREFIX):])
+            if step in known or not (d / "state.json").exists():
+                continue
+            # Copy the adapter out: the training loop rotates its own checkpoints away, ours stay servable.
+            dest = self.service.job_dir(run.job_id) / "checkpoints" / d.name
+            tmp = dest.with_name(".tmp-" + d.name)
+            shutil.rmtree(tmp, ignore_errors=True)
+            try:
+                shutil.copytree(d / "adapter", tmp)
+            except (OSError, shutil.Error):
+                shutil.rmtree(tmp, ignore_errors=True)
+                continue  # rotated away before we saw it; later ones will do
+            if dest.exists():
+                shutil.rmtree(dest)
+            os.replace(tmp, dest)
+            self._add_checkpoint(row, step, dest, _ckpt_metrics(run.metrics_by_step, step))
+
+    def _add_checkpoint(self, row: RowMapping, step: int, path: Path, metrics: dict[str, Any]) -> None:
+        name = f"{self.service.model_name(row)}:ckpt-step-{step}"
+        with self.store.write() as c:
+            c.execute(checkpoints.insert().values(id=new_id("ftckpt-"), job_id=row["id"], created_at=now(),
+                                                  step_number=step, model_name=name, metrics=metrics, path=str(path)))
+            self.store.add_event(row["id"], f"Checkpoint created at step {step}: {name}", conn=c)
+        self._serve(name, str(path), row)
+
+
+def _ckpt_metrics(by_step: dict[int, dict[str, Any]], step: int) -> dict[str, Any]:
+    keys = ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
+            "full_valid_loss", "full_valid_mean_token_accuracy")
+    m = by_step.get(step, {})
+    return {"step": float(step), **{k: m.get(k) for k in keys}}
+
+
+def result_csv(metrics_path: Path) -> bytes:
+    """OpenAI's result file columns: step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy."""
+    rows: dict[int, dict[str, Any]] = {}
+    if metrics_path.exists():
+        for line in metrics_path.read_text(encoding="utf-8").splitlines():
+            try:
+                m = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            step = int(m.get("step", 0))
+            if m.get("baseline") or step == 0 or "warning" in m:
+                continue
+            r = rows.setdefault(step, {})  # a resumed run repeats steps: the later line wins
+            if "train_loss" in m:
+                r.update(train_loss=m["train_loss"], train_accuracy=m.get("train_token_acc"))
+            if "valid_loss" in m:
+                r.update(valid_loss=m["valid_loss"], valid_mean_token_accuracy=m.get("valid_token_acc"))
+    out = io.StringIO()
+    cols = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
+    w = csv.writer(out)
+    w.writerow(cols)
+    for step in sorted(rows):
+        w.writerow([step, *(_fmt(rows[step].get(c)) for c in cols[1:])])
+    return out.getvalue().encode()
+
+
+def _fmt(v: Any) -> str:
+    if v is None or (isinstance(v, float) and math.isnan(v)):
+        return ""
+    return f"{v:.6g}" if isinstance(v, float) else str(v)
+
+
+def _wait_quietly(proc: subprocess.Popen[bytes], seconds: float) -> bool:
+    try:
+        proc.wait(timeout=seconds)
+        return True
+    except subprocess.TimeoutExpired:
+        return False
+
+
+def _tail(path: Path, n: int = 800) -> str:
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        return ""
+    return text[-n:].strip()
