@@ -186,3 +186,35 @@ def test_cli_eval_errors_are_clean(runs: tuple[Path, Path, Path, Path], tmp_path
         main(["eval", str(bad), "--data", str(data)])
     assert e.value.code == 2
     assert "eval.metricz: unknown key" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_eval_on_smollm2_base_and_adapter(tmp_path: Path) -> None:
+    """End to end on the real model: base with a system prompt vs a (random) LoRA run, through the CLI."""
+    from peft import LoraConfig, get_peft_model
+
+    from tunelab.cli import main
+    from tunelab.demo.clinical import JSON_SCHEMA, bundled_path
+    from tunelab.model.loading import load_model
+
+    model, _ = load_model("smollm2-135m-instruct", dtype="fp32")
+    pm = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"]))
+    run = tmp_path / "run"
+    pm.save_pretrained(run / "adapter")
+    (run / "config.yaml").write_text(yaml.safe_dump({
+        "model": {"name": "smollm2-135m-instruct", "dtype": "fp32"}, "data": {"train": str(bundled_path("train"))},
+        "eval": {"metrics": ["json_valid", "schema", "field_accuracy"], "json_schema": JSON_SCHEMA,
+                 "generation": {"max_new_tokens": 8, "batch_size": 2}, "forgetting": False},
+    }))
+    with pytest.raises(SystemExit) as e:
+        main(["eval", str(run), "--data", str(bundled_path("test")), "--max-examples", "2",
+              "--system-prompt", "Reply with exactly one JSON object."])
+    assert e.value.code == 0
+    res = read_results(run)
+    base, ft = res["targets"]
+    assert base["system_prompt"] == "Reply with exactly one JSON object."
+    # A LoRA adapter starts as a no-op (B = 0), so without the system prompt its loss differs from the
+    # prompted base only through the prompt; both are the real model's, far below a uniform guess (ln 49152).
+    for t in (base, ft):
+        assert 0 < t["metrics"]["loss"] < 5 and t["metrics"]["perplexity"] < 150
+    assert all(isinstance(x["outputs"]["run"], str) and x["outputs"]["run"] for x in res["examples"])
