@@ -27,6 +27,7 @@ from tunelab.data.toolkit.io import (
     StepReport,
     Workspace,
     auto_num_proc,
+    column,
     default_rejects,
     iter_batches,
     load_rows,
@@ -86,22 +87,24 @@ def lsh_params(threshold: float, num_perm: int) -> tuple[int, int]:
     return int(b), int(r)
 
 
-def shingles(text: str, size: int) -> list[bytes]:
-    words = normalise(text).split()
+def shingles(text: str, size: int, normalised: bool = False) -> list[bytes]:
+    words = (text if normalised else normalise(text)).split()
     if len(words) <= size:
         return [" ".join(words).encode()]
-    return [" ".join(words[i : i + size]).encode() for i in range(len(words) - size + 1)]
+    return [" ".join(g).encode() for g in zip(*(words[i:] for i in range(size)))]
 
 
-def minhash(text: str, num_perm: int, shingle_size: int, seed: int = 1) -> Any:
-    """A datasketch MinHash of the text's word shingles (permutations shared: building them costs 100x)."""
+def minhash(text: str, num_perm: int, shingle_size: int, seed: int = 1, normalised: bool = False) -> Any:
+    """A datasketch MinHash of the text's word shingles (permutations shared: building them costs 100x;
+    xxh32 as the shingle hash: a C call, several times cheaper than the default SHA-1 wrapper)."""
     from datasketch import MinHash
 
     key = (num_perm, seed)
     if key not in _PERMS:
         _PERMS[key] = MinHash(num_perm=num_perm, seed=seed).permutations
-    m = MinHash(num_perm=num_perm, seed=seed, permutations=_PERMS[key], scheme="affine32")
-    m.update_batch(shingles(text, shingle_size))
+    m = MinHash(num_perm=num_perm, seed=seed, permutations=_PERMS[key], scheme="affine32",
+                hashfunc=xxhash.xxh32_intdigest)
+    m.update_batch(shingles(text, shingle_size, normalised))
     return m
 
 
@@ -110,8 +113,8 @@ def _signed(x: int) -> int:
     return x - (1 << 64) if x >= (1 << 63) else x
 
 
-def exact_hash(text: str) -> int:
-    return _signed(xxhash.xxh64_intdigest(normalise(text).encode()))
+def exact_hash(text: str, normalised: bool = False) -> int:
+    return _signed(xxhash.xxh64_intdigest((text if normalised else normalise(text)).encode()))
 
 
 def band_hashes(hashvalues: np.ndarray, b: int, r: int) -> list[int]:
@@ -128,11 +131,11 @@ def _signature_batch(batch: dict[str, list[Any]], cfg: dict[str, Any], b: int, r
             mh.append([0] * cfg["num_perm"] if cfg["near"] else [])
             bands.append([0] * b if cfg["near"] else [])
             continue
-        text = row_text(row_messages(obj, fmt), cfg["roles"])
+        text = normalise(row_text(row_messages(obj, fmt), cfg["roles"]))
         ok.append(True)
-        ex.append(exact_hash(text))
+        ex.append(exact_hash(text, normalised=True))
         if cfg["near"]:
-            hv = minhash(text, cfg["num_perm"], cfg["shingle_size"], cfg["seed"]).hashvalues
+            hv = minhash(text, cfg["num_perm"], cfg["shingle_size"], cfg["seed"], normalised=True).hashvalues
             mh.append(hv.tolist())
             bands.append(band_hashes(hv, b, r))
         else:
@@ -183,7 +186,7 @@ def _jaccard(a: np.ndarray, b: np.ndarray) -> float:
 
 def _near_bands(ds: Any, candidates: np.ndarray, cfg: DedupConfig) -> tuple[dict[int, int], dict[int, float]]:
     """Row index -> index of the cluster's first row, for rows that are near-duplicates of an earlier row."""
-    bands = np.asarray(ds.select_columns(["_bands"]).with_format("numpy")["_bands"])
+    bands = column(ds, "_bands")
     uf = _UnionFind()
     pairs: list[tuple[int, int]] = []
     idx = np.flatnonzero(candidates)
@@ -202,7 +205,7 @@ def _near_bands(ds: Any, candidates: np.ndarray, cfg: DedupConfig) -> tuple[dict
     if pairs and cfg.verify:
         pairs = sorted(set(pairs))
         need = sorted({i for p in pairs for i in p})
-        sig = np.asarray(ds.select(need).select_columns(["_mh"]).with_format("numpy")["_mh"])
+        sig = column(ds.select(need), "_mh")
         pos = {v: k for k, v in enumerate(need)}
         kept_pairs = []
         for a, c in pairs:
@@ -216,7 +219,7 @@ def _near_bands(ds: Any, candidates: np.ndarray, cfg: DedupConfig) -> tuple[dict
     out = {i: r for i, r in roots.items() if r != i}
     if out and cfg.verify:
         need = sorted(set(out) | set(out.values()))
-        sig = np.asarray(ds.select(need).select_columns(["_mh"]).with_format("numpy")["_mh"])
+        sig = column(ds.select(need), "_mh")
         pos = {v: k for k, v in enumerate(need)}
         sims = {i: round(_jaccard(sig[pos[i]], sig[pos[r]]), 4) for i, r in out.items()}
     return out, sims
@@ -307,10 +310,9 @@ def dedup(
                 features=_features(ds.features),
                 new_fingerprint=f"sig-{time.time_ns()}",
             )
-        cols = ds.select_columns(["_ok", "_exact", "_line"]).with_format("numpy")
-        ok = np.asarray(cols["_ok"], dtype=bool)
-        ex = np.asarray(cols["_exact"], dtype=np.int64)
-        lines = np.asarray(cols["_line"], dtype=np.int64)
+        ok = column(ds, "_ok").astype(bool)
+        ex = column(ds, "_exact").astype(np.int64)
+        lines = column(ds, "_line").astype(np.int64)
         exact_of: dict[int, int] = {}
         if cfg.exact:
             okidx = np.flatnonzero(ok)

@@ -24,6 +24,7 @@ from tunelab.data.toolkit.io import (
     StepReport,
     Workspace,
     auto_num_proc,
+    column,
     default_rejects,
     iter_batches,
     load_rows,
@@ -181,11 +182,10 @@ def quality_filter(
                            "want_lang": cfg.languages is not None or cfg.keep_scores},
                 new_fingerprint=f"score-{time.time_ns()}",
             )
-        cols = ds.select_columns(["_ok", "_tokens", "_repetition", "_lang"]).with_format("numpy")
-        ok = np.asarray(cols["_ok"], dtype=bool)
-        toks = np.asarray(cols["_tokens"])
-        rep_ratio = np.asarray(cols["_repetition"])
-        langs = np.asarray(cols["_lang"])
+        ok = column(ds, "_ok").astype(bool)
+        toks = column(ds, "_tokens")
+        rep_ratio = column(ds, "_repetition")
+        langs = column(ds, "_lang")
         reason = np.array([""] * len(ds), dtype=object)
         reason[~ok] = "unparseable"
 
@@ -204,7 +204,7 @@ def quality_filter(
         ppl = np.full(len(ds), np.nan)
         if cfg.ppl_drop_fraction > 0:
             alive = np.flatnonzero(reason == "")
-            texts = ds.select(alive.tolist())["_text"] if len(alive) else []
+            texts = list(column(ds.select(alive.tolist()), "_text")) if len(alive) else []
             with progress() as bar:
                 task = bar.add_task("perplexity", total=len(texts))
                 vals: list[float] = []

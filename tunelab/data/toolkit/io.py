@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -99,6 +100,20 @@ def load_rows(path: str | Path, ws: Workspace) -> Any:
         gen, features=features, cache_dir=str(ws.dir / "cache"), gen_kwargs=kwargs, fingerprint=f"load-{time.time_ns()}"
     )
     return ds
+
+
+def column(ds: Any, name: str) -> Any:
+    """One column as a numpy array straight from Arrow (2-D for fixed-length list columns). Much faster than
+    `ds[name]`, which builds Python objects row by row."""
+    import numpy as np
+    import pyarrow as pa
+
+    col = ds.select_columns([name]).with_format("arrow")[:].column(name).combine_chunks()
+    if pa.types.is_list(col.type) or pa.types.is_large_list(col.type):
+        n = len(col)
+        flat = col.flatten().to_numpy(zero_copy_only=False)
+        return flat.reshape(n, -1) if n else np.zeros((0, 0), dtype=flat.dtype)
+    return col.to_numpy(zero_copy_only=False)
 
 
 def iter_batches(ds: Any, columns: list[str], batch_size: int = 10_000) -> Iterator[dict[str, list[Any]]]:
@@ -203,12 +218,14 @@ def row_text(turns: list[tuple[str, str]], roles: list[str] | None = None, with_
     return "\n".join(t for _, t in sel)
 
 
+_PUNCT = re.compile(r"[^\w\s]|_")
+
+
 def normalise(text: str) -> str:
     """What "the same text" means for exact duplicates: Unicode-compatible, case-folded, punctuation and
     whitespace runs ignored."""
     text = unicodedata.normalize("NFKC", text).casefold()
-    kept = [ch if (ch.isalnum() or ch.isspace()) else " " for ch in text]
-    return " ".join("".join(kept).split())
+    return " ".join(_PUNCT.sub(" ", text).split())
 
 
 # ------------------------------------------------------------------------------------ rejects and reports

@@ -117,25 +117,38 @@ _PERSON_RES = [
     re.compile(rf"\b(?:Mr|Mrs|Ms|Miss|Dr|Prof|Sir|Madam)\.?\s+(?:{_NAME}\s+)?{_NAME}\b"),
     # "my name is Jane Doe", "I'm called Jane"
     re.compile(rf"(?i:\b(?:my name is|i am called|i'm called|name:)\s+)({_NAME}(?:\s+{_NAME})?)"),
-    # A common first name followed by a capitalised surname.
-    re.compile(rf"\b(?:{'|'.join(_FIRST_NAMES)})\s+{_NAME}\b"),
+    # A common first name followed by a capitalised surname (first word checked against _FIRST_NAME_SET).
+    # Only the first word is consumed (surname in a lookahead) so "Hello Sarah Connor" still finds Sarah.
+    re.compile(rf"\b([A-Z][a-z]+)(?=\s+({_NAME})\b)"),
 ]
+_FIRST_NAME_SET = frozenset(_FIRST_NAMES)
 
-Recogniser = tuple[str, re.Pattern[str], Callable[[re.Match[str]], bool] | None]
+Recogniser = tuple[str, re.Pattern[str], Callable[[re.Match[str]], bool] | None, Callable[[str], bool]]
+_DIGIT = re.compile(r"\d")
+
+
+def _has_digit(t: str) -> bool:
+    return _DIGIT.search(t) is not None
+
+
 # Order matters: a span taken by an earlier type is not matched again (a URL's digits are not a phone).
+# The last element is a cheap pre-check: a text without "@" cannot hold an email, so the regex never runs.
 _RECOGNISERS: list[Recogniser] = [
-    ("EMAIL", re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"), None),
-    ("URL", re.compile(r"\b(?:https?://|www\.)[^\s<>\"')\]]+[^\s<>\"')\].,;:!?]"), None),
+    ("EMAIL", re.compile(r"\b[A-Za-z0-9._%+-]+@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,}\b"), None,
+     lambda t: "@" in t),
+    ("URL", re.compile(r"\b(?:https?://|www\.)[^\s<>\"')\]]+[^\s<>\"')\].,;:!?]"), None,
+     lambda t: "://" in t or "www." in t),
     ("IBAN", re.compile(r"\b[A-Z]{2}\d{2}(?: ?[A-Z0-9]{4}){2,7}(?: ?[A-Z0-9]{1,3})?\b"),
-     lambda m: iban_ok(m.group())),
-    ("CREDIT_CARD", re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), _card_ok),
-    ("SSN", re.compile(r"\b(\d{3})-(\d{2})-(\d{4})\b"), _ssn_ok),
-    ("IP_ADDRESS", re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b|(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])"
+     lambda m: iban_ok(m.group()), _has_digit),
+    ("CREDIT_CARD", re.compile(r"\b(?:\d[ -]?){12,18}\d\b"), _card_ok, _has_digit),
+    ("SSN", re.compile(r"\b(\d{3})-(\d{2})-(\d{4})\b"), _ssn_ok, lambda t: "-" in t),
+    ("IP_ADDRESS", re.compile(r"\b(?:\d{1,3}\.){3}\d{1,3}\b"), _ip_ok, lambda t: "." in t),
+    ("IP_ADDRESS", re.compile(r"(?<![\w:])(?:[0-9A-Fa-f]{1,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])"
                               r"|(?<![\w:])(?:[0-9A-Fa-f]{1,4}:)+:(?:[0-9A-Fa-f]{1,4}:?)*[0-9A-Fa-f]{1,4}(?![\w:])"),
-     _ip_ok),
+     _ip_ok, lambda t: "::" in t or t.count(":") >= 2),
     # Not part of a longer digit-group run (a failed card or IBAN check must not turn into a "phone").
     ("PHONE", re.compile(r"(?<![\w+])(?<!\d[ .-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)[ .-]?|\d{2,4}[ .-])"
-                         r"\d{3,4}[ .-]\d{3,4}(?![ .-]?\d)(?!\w)|(?<![\w+])\+\d{7,14}\b"), _phone_ok),
+                         r"\d{3,4}[ .-]\d{3,4}(?![ .-]?\d)(?!\w)|(?<![\w+])\+\d{7,14}\b"), _phone_ok, _has_digit),
 ]
 
 
@@ -146,16 +159,21 @@ def find_pii(text: str, types: tuple[str, ...] | list[str] = PII_TYPES) -> list[
     def free(s: int, e: int) -> bool:
         return all(e <= a or s >= b for a, b, _ in taken)
 
-    for kind, rx, check in _RECOGNISERS:
-        if kind not in types:
+    for kind, rx, check, maybe in _RECOGNISERS:
+        if kind not in types or not maybe(text):
             continue
         for m in rx.finditer(text):
             if (check is None or check(m)) and free(m.start(), m.end()):
                 taken.append((m.start(), m.end(), kind))
     if "PERSON" in types:
-        for rx in _PERSON_RES:
+        for k, rx in enumerate(_PERSON_RES):
             for m in rx.finditer(text):
-                s, e = (m.start(1), m.end(1)) if rx.groups else (m.start(), m.end())
+                if k == 2:  # first-name rule: the whole match, if the first word is a known first name
+                    if m.group(1) not in _FIRST_NAME_SET:
+                        continue
+                    s, e = m.start(1), m.end(2)
+                else:
+                    s, e = (m.start(1), m.end(1)) if rx.groups else (m.start(), m.end())
                 if free(s, e):
                     taken.append((s, e, "PERSON"))
     return sorted(taken)

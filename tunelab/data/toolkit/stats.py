@@ -17,6 +17,7 @@ from tunelab.data.toolkit.dedup import exact_hash
 from tunelab.data.toolkit.io import (
     Workspace,
     auto_num_proc,
+    column,
     iter_batches,
     load_rows,
     parse_raw,
@@ -71,12 +72,11 @@ def dataset_stats(
             bar.add_task(f"reading {len(ds):,} rows (num_proc={nproc})", total=None)
             ds = ds.map(_stats_batch, batched=True, batch_size=1000, num_proc=nproc if nproc > 1 else None,
                         fn_kwargs={"tokenizer": tokenizer}, new_fingerprint=f"stats-{time.time_ns()}")
-        cols = ds.select_columns(["_ok", "_turns", "_chars", "_hash", "_tokens"]).with_format("numpy")
-        ok = np.asarray(cols["_ok"], dtype=bool)
-        turns = np.asarray(cols["_turns"])[ok]
-        chars = np.asarray(cols["_chars"])[ok]
-        toks = np.asarray(cols["_tokens"])[ok]
-        hashes = np.asarray(cols["_hash"])[ok]
+        ok = column(ds, "_ok").astype(bool)
+        turns = column(ds, "_turns")[ok]
+        chars = column(ds, "_chars")[ok]
+        toks = column(ds, "_tokens")[ok]
+        hashes = column(ds, "_hash")[ok]
         roles: Counter[str] = Counter()
         turns_by_role: dict[str, list[int]] = {}
         formats: Counter[str] = Counter()
