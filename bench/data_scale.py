@@ -144,8 +144,8 @@ def main() -> None:
           f"cpus={os.cpu_count()} load={os.getloadavg()[0]:.1f}", flush=True)
     results = [run_step(s, src, work, a.num_proc) for s in a.steps.split(",")]
     print()
-    print(f"| step  | rows      | wall (s) | rows/s  | peak RSS (GiB) | found |")
-    print(f"|-------|-----------|----------|---------|----------------|-------|")
+    print("| step  | rows      | wall (s) | rows/s  | peak RSS (GiB) | found |")
+    print("|-------|-----------|----------|---------|----------------|-------|")
     for r in results:
         rep = r["report"]
         found = rep["reasons"] if r["step"] == "dedup" else rep["details"]["pii_counts"]

@@ -91,7 +91,7 @@ def shingles(text: str, size: int, normalised: bool = False) -> list[bytes]:
     words = (text if normalised else normalise(text)).split()
     if len(words) <= size:
         return [" ".join(words).encode()]
-    return [" ".join(g).encode() for g in zip(*(words[i:] for i in range(size)))]
+    return [" ".join(g).encode() for g in zip(*(words[i:] for i in range(size)), strict=False)]
 
 
 def minhash(text: str, num_perm: int, shingle_size: int, seed: int = 1, normalised: bool = False) -> Any:
