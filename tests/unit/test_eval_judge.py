@@ -192,3 +192,28 @@ def test_human_mode_is_blind_and_resumes(tmp_path: Path) -> None:
         raise EOFError
 
     assert human_judge(pairs, out, x_name="ft", y_name="base", ask=eof, show=shown.append)["n"] == 5
+
+
+def test_cli_judge_reads_results_and_writes_judgements(endpoint: Any, tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture[str]) -> None:
+    from tunelab.cli import main
+
+    run = tmp_path / "run"
+    (run / "eval").mkdir(parents=True)
+    examples = [{"index": i, "prompt": [{"role": "user", "content": f"q{i}"}],
+                 "outputs": {"base": f"meh {i}", "run": f"GOOD {i}" if i < 9 else f"bad {i}"}} for i in range(10)]
+    res = {"kind": "tunelab-eval", "targets": [{"name": "base"}, {"name": "run"}], "examples": examples,
+           "eval_config": {"judge": {"seed": 7}}}
+    (run / "eval" / "results.json").write_text(json.dumps(res))
+    url, seen = endpoint(lambda a, b: "A" if "GOOD" in a else ("B" if "GOOD" in b else "TIE"))
+    with pytest.raises(SystemExit) as e:
+        main(["judge", str(run), "--base-url", url, "--model", "fake"])
+    assert e.value.code == 0, capsys.readouterr().err
+    out = json.loads((run / "eval" / "judge.json").read_text())
+    assert (out["x"], out["y"], out["judge_model"]) == ("run", "base", "fake")
+    assert (out["summary"]["wins"], out["summary"]["ties"], out["summary"]["losses"]) == (9, 1, 0)
+    assert out["summary"]["win_rate"] == pytest.approx(0.95) and len(seen) == 20
+    assert "blind win rate: run vs base" in capsys.readouterr().out
+    with pytest.raises(SystemExit) as e:  # no endpoint configured: a clean error, not a traceback
+        main(["judge", str(run)])
+    assert e.value.code == 2 and "judge.base_url" in capsys.readouterr().err
