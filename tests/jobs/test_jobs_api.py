@@ -1,0 +1,219 @@
+"""The guide's OpenAI fine-tuning code, nearly verbatim, against a live `tunelab serve-jobs` on a tiny model:
+upload, create with a validation file, poll, events, checkpoints, chat and stream with the ft: model; then
+cancel, pause/resume, a bad file, unknown ids, option validation and per-key isolation."""
+
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import openai
+import pytest
+from conftest import ALICE, BASE, BOB, Server, wait_for, wait_status
+from openai import OpenAI
+
+
+def all_events(client: OpenAI, job_id: str) -> list:  # type: ignore[type-arg]
+    # Auto-pagination follows has_more/after, as the client does against OpenAI.
+    return list(client.fine_tuning.jobs.list_events(job_id, limit=7))
+
+
+@pytest.fixture(scope="module")
+def guide_job(server: Server, jobs_env: dict[str, Path]) -> dict[str, str]:
+    """The guide's code: upload, create, poll to a final status (sleep shortened from 60 s)."""
+    root = jobs_env["root"]
+    client = server.client()
+    with open(root / "train.jsonl", "rb") as f:
+        train_file = client.files.create(file=f, purpose="fine-tune")
+    with open(root / "val.jsonl", "rb") as f:
+        val_file = client.files.create(file=f, purpose="fine-tune")
+    assert train_file.id.startswith("file-")
+    job = client.fine_tuning.jobs.create(
+        training_file=train_file.id,
+        validation_file=val_file.id,
+        model=BASE,
+        hyperparameters={"n_epochs": "auto", "learning_rate_multiplier": "auto", "batch_size": "auto"},
+        suffix="medical-notes-v1",
+    )
+    assert job.id.startswith("ftjob-")
+    assert job.status == "validating_files"
+    while True:
+        job = client.fine_tuning.jobs.retrieve(job.id)
+        if job.status in ["succeeded", "failed", "cancelled"]:
+            break
+        time.sleep(0.5)
+    assert job.status == "succeeded", job.error
+    return {"job": job.id, "train": train_file.id, "val": val_file.id}
+
+
+def test_guide_workflow_succeeds_and_serves_the_model(server: Server, guide_job: dict[str, str],
+                                                       jobs_env: dict[str, Path]) -> None:
+    client = server.client()
+    job = client.fine_tuning.jobs.retrieve(guide_job["job"])
+    assert job.fine_tuned_model == f"ft:{BASE}:alice:medical-notes-v1:{job.id.removeprefix('ftjob-')[:8]}"
+    # auto: 20 examples -> OpenAI's rule gives 100 // 20 = 5 epochs and batch size max(1, 0.2% of 20) = 1
+    assert job.hyperparameters.n_epochs == 5 and job.hyperparameters.batch_size == 1
+    assert job.trained_tokens and job.trained_tokens > 0 and job.finished_at and job.organization_id == "alice"
+    assert job.validation_file == guide_job["val"] and job.training_file == guide_job["train"]
+
+    events = client.fine_tuning.jobs.list_events(job.id, limit=50)
+    messages = [e.message for e in events.data]
+    assert any(m.startswith("Step 8/8: training loss=") and "validation loss=" in m for m in messages)
+    metrics = [e for e in events.data if e.type == "metrics"]
+    assert [e.data["step"] for e in reversed(metrics)] == list(range(1, 9))  # newest first, one per step
+    last = metrics[0].data
+    assert {"step", "train_loss", "valid_loss", "train_mean_token_accuracy"} <= set(last)
+    assert events.data[0].message == "The job has successfully completed"
+    # paging with `after` walks the same events, oldest last
+    paged = all_events(client, job.id)
+    assert [e.id for e in paged] == [e.id for e in events.data] and len(paged) > 7
+
+    ckpts = client.fine_tuning.jobs.checkpoints.list(job.id).data
+    assert [c.step_number for c in ckpts] == [8, 6, 4, 2]
+    assert ckpts[0].metrics.train_loss is not None and ckpts[0].metrics.valid_loss is not None
+    assert all(c.fine_tuned_model_checkpoint == f"{job.fine_tuned_model}:ckpt-step-{c.step_number}" for c in ckpts)
+
+    models = {m.id for m in client.models.list()}
+    assert job.fine_tuned_model in models and ckpts[-1].fine_tuned_model_checkpoint in models
+    response = client.chat.completions.create(
+        model=job.fine_tuned_model, messages=[{"role": "user", "content": "Summarize this clinical note: ..."}],
+        temperature=0.2, max_tokens=8,
+    )
+    assert response.choices[0].message.content is not None and response.model == job.fine_tuned_model
+    stream = client.chat.completions.create(model=ckpts[-1].fine_tuned_model_checkpoint, stream=True, max_tokens=6,
+                                            messages=[{"role": "user", "content": "echo red cat"}])
+    chunks = list(stream)
+    assert chunks and chunks[-1].choices[0].finish_reason in ("stop", "length")
+
+    # the result file: a CSV of metrics per step, downloadable through the Files API
+    [result_id] = job.result_files
+    csv_text = client.files.content(result_id).text.splitlines()
+    assert csv_text[0] == "step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy"
+    assert len(csv_text) == 9 and csv_text[-1].startswith("8,")
+    # uploaded bytes come back unchanged; the stored name is generated, the client's only metadata
+    assert client.files.content(guide_job["train"]).content == (jobs_env["root"] / "train.jsonl").read_bytes()
+    assert client.files.retrieve(guide_job["train"]).filename == "train.jsonl"
+
+
+def test_files_api_pagination_delete_and_jsonl_check(server: Server, jobs_env: dict[str, Path]) -> None:
+    client = server.client()
+    ids = [client.files.create(file=(f"../../etc/n{i}.jsonl", b'{"a": 1}\n'), purpose="fine-tune").id
+           for i in range(3)]
+    assert client.files.retrieve(ids[0]).filename == "n0.jsonl"  # no directories survive
+    page = client.files.list(limit=2, purpose="fine-tune")
+    assert len(page.data) == 2 and page.has_more and page.data[0].id == ids[2]  # newest first
+    every = [f.id for f in client.files.list(limit=2, purpose="fine-tune")]  # follows `after`
+    assert every[:3] == ids[::-1]
+    assert client.files.delete(ids[1]).deleted
+    with pytest.raises(openai.NotFoundError):
+        client.files.retrieve(ids[1])
+    with pytest.raises(openai.BadRequestError, match="line 2"):
+        client.files.create(file=("x.jsonl", b'{"ok": 1}\nnot json\n'), purpose="fine-tune")
+    with pytest.raises(openai.BadRequestError, match="purpose"):
+        client.files.create(file=("x.jsonl", b"{}\n"), purpose="nonsense")  # type: ignore[arg-type]
+
+
+def test_bad_training_file_fails_in_validation_with_line_numbers(server: Server, jobs_env: dict[str, Path]) -> None:
+    client = server.client()
+    with open(jobs_env["root"] / "bad.jsonl", "rb") as f:
+        bad = client.files.create(file=f, purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(training_file=bad.id, model=BASE)
+    job = wait_status(client, job.id)
+    assert job.status == "failed"
+    assert job.error is not None and job.error.code == "invalid_training_file"
+    assert job.error.param == "training_file"
+    assert "line 3" in job.error.message and "role" in job.error.message and bad.id in job.error.message
+    assert job.fine_tuned_model is None
+    assert client.fine_tuning.jobs.list_events(job.id).data[0].level == "error"
+
+
+def test_unknown_ids_are_404_and_bad_requests_400(server: Server, guide_job: dict[str, str]) -> None:
+    client = server.client()
+    for call in (lambda: client.fine_tuning.jobs.retrieve("ftjob-nope"),
+                 lambda: client.fine_tuning.jobs.cancel("ftjob-nope"),
+                 lambda: client.fine_tuning.jobs.list_events("ftjob-nope"),
+                 lambda: client.fine_tuning.jobs.checkpoints.list("ftjob-nope"),
+                 lambda: client.files.retrieve("file-nope"),
+                 lambda: client.files.content("file-nope")):
+        with pytest.raises(openai.NotFoundError):
+            call()
+    with pytest.raises(openai.NotFoundError) as e:
+        client.fine_tuning.jobs.create(training_file="file-nope", model=BASE)
+    assert e.value.body["param"] == "training_file"  # type: ignore[index]
+    with pytest.raises(openai.BadRequestError, match="model"):
+        client.fine_tuning.jobs.create(training_file=guide_job["train"], model="gpt-4o-mini-2024-07-18")
+    with pytest.raises(openai.BadRequestError, match="lora_rank"):  # tunelab options are validated
+        client.fine_tuning.jobs.create(training_file=guide_job["train"], model=BASE,
+                                       extra_body={"tunelab": {"lora_rank": 8}})
+    with pytest.raises(openai.BadRequestError, match="lora_r"):
+        client.fine_tuning.jobs.create(training_file=guide_job["train"], model=BASE, metadata={"tunelab.lora_r": "0"})
+    with pytest.raises(openai.BadRequestError, match="n_epochs"):
+        client.fine_tuning.jobs.create(training_file=guide_job["train"], model=BASE, hyperparameters={"n_epochs": 0})
+    with pytest.raises(openai.BadRequestError, match="already"):
+        client.fine_tuning.jobs.cancel(guide_job["job"])
+
+
+def test_second_key_sees_nothing_of_the_first(server: Server, guide_job: dict[str, str]) -> None:
+    alice, bob = server.client(ALICE), server.client(BOB)
+    job = alice.fine_tuning.jobs.retrieve(guide_job["job"])
+    assert job.fine_tuned_model
+    with pytest.raises(openai.NotFoundError):
+        bob.fine_tuning.jobs.retrieve(job.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.fine_tuning.jobs.list_events(job.id)
+    with pytest.raises(openai.NotFoundError):
+        bob.files.content(guide_job["train"])
+    with pytest.raises(openai.NotFoundError):  # bob cannot train on alice's file either
+        bob.fine_tuning.jobs.create(training_file=guide_job["train"], model=BASE)
+    assert job.id not in {j.id for j in bob.fine_tuning.jobs.list()}
+    assert guide_job["train"] not in {f.id for f in bob.files.list()}
+    bob_models = {m.id for m in bob.models.list()}
+    assert BASE in bob_models and not any(m.startswith("ft:") for m in bob_models)
+    with pytest.raises(openai.NotFoundError):
+        bob.chat.completions.create(model=job.fine_tuned_model, messages=[{"role": "user", "content": "hi"}])
+    with pytest.raises(openai.AuthenticationError):
+        OpenAI(base_url=server.url, api_key="sk-wrong", max_retries=0).fine_tuning.jobs.list()
+
+
+def _long_job(client: OpenAI, train_id: str, steps: int, save_every: int) -> str:
+    job = client.fine_tuning.jobs.create(training_file=train_id, model=BASE, seed=7,
+                                         extra_body={"tunelab": {"max_steps": steps, "save_every": save_every}})
+    return job.id
+
+
+def _metric_steps(client: OpenAI, job_id: str) -> list[int]:
+    return sorted(e.data["step"] for e in all_events(client, job_id) if e.type == "metrics")  # type: ignore[index]
+
+
+def test_cancel_running_job_stops_it_at_once(server: Server, guide_job: dict[str, str]) -> None:
+    client = server.client()
+    job_id = _long_job(client, guide_job["train"], steps=5000, save_every=1000)
+    wait_for(lambda: _metric_steps(client, job_id), timeout=120, what="training to start")
+    job = client.fine_tuning.jobs.cancel(job_id)
+    assert job.status == "cancelled" and job.finished_at
+    steps_then = len(_metric_steps(client, job_id))
+    time.sleep(2)
+    assert len(_metric_steps(client, job_id)) <= steps_then + 1  # at most one in flight when killed
+    job = client.fine_tuning.jobs.retrieve(job_id)
+    assert job.status == "cancelled" and job.fine_tuned_model is None
+    assert max(_metric_steps(client, job_id)) < 5000
+
+
+def test_pause_stops_at_a_checkpoint_and_resume_continues(server: Server, guide_job: dict[str, str]) -> None:
+    client = server.client()
+    job_id = _long_job(client, guide_job["train"], steps=60, save_every=10)
+    wait_for(lambda: _metric_steps(client, job_id), timeout=120, what="training to start")
+    client.fine_tuning.jobs.pause(job_id)
+    job = wait_status(client, job_id, ("paused", "succeeded", "failed"))
+    assert job.status == "paused", job.error
+    ckpts = [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job_id)]
+    assert ckpts and all(s % 10 == 0 for s in ckpts)
+    paused_at = max(ckpts)
+    assert max(_metric_steps(client, job_id)) < 60
+    assert client.fine_tuning.jobs.resume(job_id).status in ("queued", "running")  # a free worker claims it at once
+    job = wait_status(client, job_id)
+    assert job.status == "succeeded", job.error
+    messages = [e.message for e in all_events(client, job_id)]
+    assert f"Fine-tuning job resumed from checkpoint at step {paused_at}" in messages
+    assert set(_metric_steps(client, job_id)) == set(range(1, 61))
+    assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job_id, limit=100)][0] == 60
