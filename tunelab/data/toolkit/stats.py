@@ -123,7 +123,7 @@ def write_histogram(values: np.ndarray, path: str | Path, unit: str = "tokens") 
     lo, hi = int(values.min()), int(values.max())
     # integer-aligned bins, else whole-number lengths alias into spikes
     step = max(1, int(np.ceil((hi - lo + 1) / 50)))
-    ax.hist(values, bins=np.arange(lo, hi + step + 1, step) - 0.5, color="#4472c4", edgecolor="white")
+    ax.hist(values, bins=(np.arange(lo, hi + step + 1, step) - 0.5).tolist(), color="#4472c4", edgecolor="white")
     ax.set_xlabel(f"{unit} per example")
     ax.set_ylabel("examples")
     ax.set_title(f"{len(values):,} examples, median {int(np.median(values))} {unit}")
