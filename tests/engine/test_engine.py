@@ -178,6 +178,8 @@ def test_unknown_model_and_long_prompt(engine: Engine) -> None:
         asyncio.run(run(engine, "nope", "abc"))
     with pytest.raises(InvalidRequestError, match="context of 512"):
         asyncio.run(run(engine, "alpha", "x" * 500, max_tokens=20))
+    # A default max_tokens (the client gave none) shrinks to the 12 tokens of room left instead.
+    assert asyncio.run(run(engine, "alpha", "x" * 500, max_tokens=20, fit_to_context=True))[3] <= 12
     with pytest.raises(InvalidRequestError, match="token ids"):
         asyncio.run(engine.submit(GenerationRequest("tiny", SamplingParams(5), prompt=[1, 99999])))
 

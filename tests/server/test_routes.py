@@ -160,6 +160,9 @@ def test_prompt_beyond_context_is_400(engine: FakeEngine) -> None:
     client = TestClient(create_app(FakeEngine(max_model_len=10), ServerSettings()))
     r = client.post("/v1/completions", json={"model": "fake-a", "prompt": "a b c d e", "max_tokens": 6})
     assert r.status_code == 400 and r.json()["error"]["param"] == "max_tokens"
+    # Without max_tokens the default shrinks to the room left in the context instead of failing.
+    r = client.post("/v1/completions", json={"model": "fake-a", "prompt": "a b c d e"})
+    assert r.status_code == 200 and r.json()["usage"]["completion_tokens"] == 5
 
 
 def test_unknown_route_is_openai_error(client: TestClient) -> None:

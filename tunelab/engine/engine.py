@@ -10,6 +10,7 @@ Merged mode folds one adapter into the weights and serves only that adapter's na
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 import queue
 import threading
@@ -219,6 +220,8 @@ class Engine:
         adapter = self._route(request.model)
         ids = self._prompt_ids(request)
         budget = self.max_model_len - len(ids)
+        if request.sampling.fit_to_context and budget >= 1 and request.sampling.max_tokens > budget:
+            request = dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, max_tokens=budget))
         if request.sampling.max_tokens > budget:
             raise InvalidRequestError(
                 f"the prompt is {len(ids)} tokens and max_tokens is {request.sampling.max_tokens}: together over "
@@ -390,7 +393,8 @@ class Engine:
             if a is None:
                 failed[name] = ModelNotFoundError(f"adapter {name!r} was removed", param="model")
             elif self._loaded.get(name) == a.uid:
-                self._loaded.move_to_end(name)
+                with self._lock:
+                    self._loaded.move_to_end(name)
             else:
                 try:
                     self._load(a)

@@ -8,6 +8,7 @@ so tests can assert what the server passed down and that a disconnect cancelled 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 import uuid
 from collections.abc import AsyncIterator
@@ -121,6 +122,10 @@ class FakeEngine:
         else:
             prompt_text = request.prompt or ""
         stream = FakeStream(self, request, prompt_text)
+        budget = self.max_model_len - stream.prompt_tokens
+        if request.sampling.fit_to_context and request.sampling.max_tokens > budget >= 1:
+            request = dataclasses.replace(request, sampling=dataclasses.replace(request.sampling, max_tokens=budget))
+            stream = FakeStream(self, request, prompt_text)
         if stream.prompt_tokens + request.sampling.max_tokens > self.max_model_len:
             raise InvalidRequestError(
                 f"prompt ({stream.prompt_tokens} tokens) plus max_tokens exceeds the context of {self.max_model_len}",

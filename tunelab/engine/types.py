@@ -70,6 +70,8 @@ class SamplingParams:
     top_p: float = 1.0
     seed: int | None = None
     stop: tuple[str, ...] = ()
+    # True when the client gave no max_tokens: the engine may lower it to what the context has room for.
+    fit_to_context: bool = False
 
 
 @dataclass(frozen=True)

@@ -9,6 +9,7 @@ caused, whether it was streaming or waiting for a whole response.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import time
 import uuid
@@ -148,6 +149,7 @@ class OpenAIServing:
             top_p=1.0 if req.top_p is None else req.top_p,
             seed=req.seed,
             stop=req.stop_list(),
+            fit_to_context=max_tokens is None,
         )
 
     async def _submit(self, requests: list[GenerationRequest]) -> list[GenerationStream]:
@@ -166,7 +168,7 @@ class OpenAIServing:
         # Choices of one request must differ when sampling, yet repeat for a repeated seed.
         if sp.seed is None or i == 0:
             return sp
-        return SamplingParams(sp.max_tokens, sp.temperature, sp.top_p, sp.seed + i, sp.stop)
+        return dataclasses.replace(sp, seed=sp.seed + i)
 
     # ------------------------------------------------------------------ chat
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
