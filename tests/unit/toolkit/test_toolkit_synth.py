@@ -131,6 +131,7 @@ def test_synth_retries_caches_judges_dedups_and_reports(fake: FakeOpenAI, tmp_pa
     assert why["wrong-schema"]["error"] == "bad_schema"
     assert why["weak"]["reason"] == "judge_low_score" and why["weak"]["score"] == 2
     assert why["dup-b"]["reason"] == "exact_duplicate"
+    assert (why["dup-b"]["line"], why["dup-b"]["duplicate_of"]) == (10, 9)  # job numbers of dup-b and dup-a
     assert fake.calls["always-fails#1"] == 3  # 1 try + 2 retries
     assert {"http_500", "timeout", "bad_json", "bad_schema"} <= set(rep.details["errors"])
     assert rows[0]["metadata"]["judge"]["score"] == 9 and rows[0]["metadata"]["generator"]["model"] == "fake-gpt"

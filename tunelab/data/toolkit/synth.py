@@ -5,7 +5,8 @@ optional judge pass that scores each example and drops weak ones, and exact + ne
 end. Output is `messages` JSONL; every example carries `metadata.generator` so `contamination` can flag
 training data made by the same generator as an evaluation set.
 
-Every job ends as a written row or a reject with its reason: jobs = rows out + rows rejected.
+Every job ends as a written row or a reject with its reason: jobs = rows out + rows rejected. A reject's
+"line" is the job number (1-based, in topic order).
 """
 
 from __future__ import annotations
@@ -272,6 +273,7 @@ def synth(
     rej = RejectWriter(rejects, "synth")
     staged = Path(output).with_name(f".{Path(output).name}.synth-staged.jsonl")
     writer = JsonlWriter(staged)
+    staged_job: list[int] = []  # staged line - 1 -> job number (1-based), so dedup rejects name the job
     for job in jobs:  # job order, so output order does not depend on thread timing
         if job.index in failed:
             kind, msg = failed[job.index]
@@ -283,6 +285,7 @@ def synth(
             rej.write(job.index + 1, "judge_low_score", row, score=judged["score"])
             continue
         writer.write(row)
+        staged_job.append(job.index + 1)
     writer.close()
     rej.close()
     rep.details = {"api_calls": s.calls, "cache_hits": s.cache_hits, "errors": dict(s.errors),
@@ -296,6 +299,9 @@ def synth(
             for line in dup_rejects.read_text(encoding="utf-8").splitlines():
                 rec = json.loads(line)
                 rec["step"] = "synth"
+                rec["line"] = staged_job[rec["line"] - 1]
+                if isinstance(rec.get("duplicate_of"), int):
+                    rec["duplicate_of"] = staged_job[rec["duplicate_of"] - 1]
                 fh.write(json.dumps(rec, ensure_ascii=False) + "\n")
         dup_rejects.unlink()
         staged.unlink()
