@@ -48,7 +48,7 @@ def reward_score(
 
         out = score_file(run, data)
     else:
-        if response is None:
+        if prompt is None or response is None:
             raise TunelabError("--prompt needs --response", 2)
         from tunelab.data.records import Message
         from tunelab.train.reward import RewardModel
