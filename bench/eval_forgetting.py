@@ -33,7 +33,7 @@ def train_config(out: Path, mix: float | None, steps: int, lr: float) -> Path:
         "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
         "data": {"train": str(bundled_path("train")), "validation": str(bundled_path("validation")),
                  "test": str(bundled_path("test")), "max_seq_len": 512},
-        "train": {"max_steps": steps, "batch_size": 8, "lr": lr, "eval_every": max(steps // 2, 1),
+        "train": {"max_steps": steps, "batch_size": 8, "lr": lr, "eval_every": steps, "warmup_ratio": 0.1,
                   "eval_max_examples": 20, "save_every": steps, "log_every": 2},
         "output_dir": str(out),
     }
@@ -47,8 +47,8 @@ def train_config(out: Path, mix: float | None, steps: int, lr: float) -> Path:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=40)
-    ap.add_argument("--lr", type=float, default=5e-4)
+    ap.add_argument("--steps", type=int, default=16)
+    ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--limit", type=int, default=None, help="evaluate on the first N test examples")
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--work", default="runs/bench-eval")

@@ -16,7 +16,7 @@ from tunelab.data.readers import read_conversations
 from tunelab.eval.config import GenerationSettings
 from tunelab.eval.general import build, general_path
 from tunelab.eval.generate import generate, reference_loss
-from tunelab.eval.run import evaluate, plan, read_results
+from tunelab.eval.run import evaluate, plan, read_results, run_eval
 
 
 @pytest.fixture(scope="module")
@@ -146,7 +146,8 @@ def test_evaluate_base_and_two_runs(runs: tuple[Path, Path, Path, Path]) -> None
 
 def test_zero_adapter_equals_base_without_prompt(runs: tuple[Path, Path, Path, Path]) -> None:
     _, data, zero, _ = runs
-    res = evaluate(plan(zero, data=data))  # no system prompt: base and the no-op adapter must agree exactly
+    res, paths = run_eval(zero, data=data)  # no system prompt: base and the no-op adapter must agree exactly
+    assert paths == [zero / "eval" / "results.json"] and read_results(zero)["examples"] == res["examples"]
     base, z = res["targets"]
     assert [e["outputs"]["base"] for e in res["examples"]] == [e["outputs"]["zero"] for e in res["examples"]]
     assert z["metrics"]["loss"] == pytest.approx(base["metrics"]["loss"], abs=1e-6)

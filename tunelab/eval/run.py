@@ -308,6 +308,15 @@ def evaluate(p: EvalPlan, log: Log = lambda s: None, models: tuple[Any, Any] | N
     }
 
 
+def run_eval(config_or_run: str | Path, *, log: Log = lambda s: None, **plan_kwargs: Any) -> tuple[dict[str, Any], list[Path]]:
+    """plan + evaluate + write: what `tunelab eval` does, for callers such as the demo."""
+    p = plan(config_or_run, **plan_kwargs)
+    res = evaluate(p, log=log)
+    for path in p.outputs:
+        write_json(path, res)
+    return res, p.outputs
+
+
 def write_json(path: Path, data: Any) -> None:
     """Atomic write: a reader never sees half a results file."""
     path.parent.mkdir(parents=True, exist_ok=True)
