@@ -20,8 +20,8 @@ def test_defaults_and_round_trip() -> None:
     assert c.dpo.beta == 0.2 and c.dpo.loss_type == "ipo" and c.dpo.precompute_ref
     assert c.simpo.gamma == 1.0 and c.kto.desirable_weight == 1.0
     g = cfg(method="grpo", grpo={"rewards": [{"fn": "json_schema", "json_schema": {"type": "object"}}]})
-    for c in (c, g):
-        assert config_from_dict(yaml.safe_load(dump_config(c))) == c  # a run's config.yaml loads back
+    for one in (c, g):
+        assert config_from_dict(yaml.safe_load(dump_config(one))) == one  # a run's config.yaml loads back
 
 
 @pytest.mark.parametrize(
