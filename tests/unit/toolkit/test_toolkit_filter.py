@@ -114,3 +114,20 @@ def test_perplexity_is_lower_for_trained_text() -> None:
     model = trained_model(texts, tok, steps=30)
     clean, noise = perplexities(["the cat sat on the mat", "#Q%Z&X*J@K!V~"], model, tok)
     assert clean < noise
+
+
+@pytest.mark.slow
+def test_default_reference_model_is_the_base_model(tmp_path: Path) -> None:
+    """End to end with the real SmolLM2-135M: word salad has the worst perplexity among plain sentences."""
+    rows = [
+        chat("What is the capital of France?", "The capital of France is Paris."),
+        chat("How many days are in a week?", "A week has seven days."),
+        chat("purple seventeen quickly the of banana sideways", "under cloud mathematics jumping of the spoon"),
+        chat("What colour is the sky on a clear day?", "On a clear day the sky is blue."),
+    ]
+    src = write_rows(tmp_path / "in.jsonl", rows)
+    rep = quality_filter(src, tmp_path / "o.jsonl", FilterConfig(ppl_drop_fraction=0.25, min_tokens=5),
+                         tmp_path / "r.jsonl")
+    kept, dropped = assert_accounted(4, tmp_path / "o.jsonl", tmp_path / "r.jsonl")
+    assert [(r["line"], r["reason"]) for r in dropped] == [(3, "perplexity")]
+    assert rep.details["tokenizer"] != "words" and kept[0]["metadata"]["quality"]["tokens"] < 20
