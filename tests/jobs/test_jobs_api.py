@@ -217,3 +217,77 @@ def test_pause_stops_at_a_checkpoint_and_resume_continues(server: Server, guide_
     assert f"Fine-tuning job resumed from checkpoint at step {paused_at}" in messages
     assert set(_metric_steps(client, job_id)) == set(range(1, 61))
     assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job_id, limit=100)][0] == 60
+
+
+def test_dpo_job_on_openai_preference_format(server: Server, jobs_env: dict[str, Path]) -> None:
+    """method dpo with beta, on OpenAI's DPO file format (input / preferred_output / non_preferred_output)."""
+    import json
+
+    rows = [{"input": {"messages": [{"role": "user", "content": f"say {w} {i}"}]},
+             "preferred_output": [{"role": "assistant", "content": f"{w}"}],
+             "non_preferred_output": [{"role": "assistant", "content": f"no {w}!"}]}
+            for i, w in enumerate(["red", "blue", "green", "cat", "dog", "sun"] * 2)]
+    client = server.client()
+    f = client.files.create(file=("prefs.jsonl", "".join(json.dumps(r) + "\n" for r in rows).encode()),
+                            purpose="fine-tune")
+    job = client.fine_tuning.jobs.create(
+        training_file=f.id, model=BASE, suffix="dpo",
+        method={"type": "dpo", "dpo": {"hyperparameters": {"beta": 0.2, "batch_size": 2}}},
+        extra_body={"tunelab": {"max_steps": 3}})
+    job = wait_status(client, job.id)
+    assert job.status == "succeeded", job.error
+    assert job.method is not None and job.method.type == "dpo"
+    assert job.method.dpo is not None and job.method.dpo.hyperparameters.beta == 0.2  # type: ignore[union-attr]
+    assert _metric_steps(client, job.id) == [1, 2, 3]
+    assert job.fine_tuned_model in {m.id for m in client.models.list()}
+    # the upload itself is untouched by the conversion (the job converts its own copy)
+    assert b"preferred_output" in client.files.content(f.id).content
+
+
+def test_a_crashing_training_process_fails_the_job_not_the_server(server: Server, guide_job: dict[str, str],
+                                                                 jobs_env: dict[str, Path]) -> None:
+    import os
+    import signal
+    import sqlite3
+
+    client = server.client()
+    job_id = _long_job(client, guide_job["train"], steps=5000, save_every=1000)
+    wait_for(lambda: _metric_steps(client, job_id), timeout=120, what="training to start")
+    db = sqlite3.connect(jobs_env["root"] / "data" / "jobs.db")
+    pid = db.execute("select pid from jobs where id = ?", (job_id,)).fetchone()[0]
+    os.kill(pid, signal.SIGKILL)  # as the kernel's OOM killer would
+    job = wait_status(client, job_id, timeout=60)
+    assert job.status == "failed" and job.error is not None and job.error.code == "training_crashed"
+    assert client.fine_tuning.jobs.retrieve(guide_job["job"]).status == "succeeded"  # the server lives on
+
+
+def test_jobs_cli_on_the_official_client(server: Server, guide_job: dict[str, str],
+                                         jobs_env: dict[str, Path]) -> None:
+    from typer.testing import CliRunner
+
+    from tunelab.cli import app
+    from tunelab.jobs.cli import jobs_app
+
+    if not any(g.name == "jobs" for g in app.registered_groups):
+        app.add_typer(jobs_app, name="jobs")
+    runner = CliRunner()
+    env = {"OPENAI_API_KEY": ALICE}
+
+    def run(*args: str) -> str:
+        res = runner.invoke(app, ["jobs", *args, "--base-url", server.url], env=env)
+        assert res.exit_code == 0, res.output
+        return res.output
+
+    job_id = guide_job["job"]
+    assert job_id in run("list")
+    assert '"status": "succeeded"' in run("get", job_id)
+    out = run("events", job_id, "--follow")  # returns at once: the job has finished
+    assert "Step 8/8: training loss=" in out and out.strip().endswith("The job has successfully completed")
+    assert "ckpt-step-2" in run("checkpoints", job_id)
+    file_id = run("upload", str(jobs_env["root"] / "val.jsonl")).strip()
+    assert file_id.startswith("file-")
+    created = run("create", file_id, "--model", BASE, "-o", "max_steps=2", "--suffix", "cli")
+    new_id = next(line.split('"')[3] for line in created.splitlines() if line.strip().startswith('"id"'))
+    assert run("cancel", new_id).strip() == "cancelled"
+    res = runner.invoke(app, ["jobs", "get", "ftjob-nope", "--base-url", server.url], env=env)
+    assert res.exit_code != 0

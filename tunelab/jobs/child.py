@@ -56,6 +56,31 @@ def _issue_text(issue: Any, label: str) -> str:
     return f"{where}: {issue.message}"
 
 
+def openai_preference_to_tunelab(path: Path) -> bool:
+    """OpenAI's DPO lines ({"input": {"messages": [...]}, "preferred_output": [...], "non_preferred_output":
+    [...]}) become tunelab's preference lines ({"prompt", "chosen", "rejected"}), one for one, so the
+    validator's line numbers still point into the uploaded file. Other lines are kept as they are. The file is
+    replaced (never written through: it may be a hard link to the upload). Returns whether anything changed."""
+    out, changed = [], False
+    for raw in path.read_text(encoding="utf-8").splitlines():
+        try:
+            obj = json.loads(raw) if raw.strip() else None
+        except json.JSONDecodeError:
+            obj = None
+        if isinstance(obj, dict) and "input" in obj and ("preferred_output" in obj or "non_preferred_output" in obj):
+            inp = obj["input"]
+            prompt = inp.get("messages") if isinstance(inp, dict) else inp
+            raw = json.dumps({"prompt": prompt, "chosen": obj.get("preferred_output"),
+                              "rejected": obj.get("non_preferred_output")}, ensure_ascii=False)
+            changed = True
+        out.append(raw)
+    if changed:
+        tmp = path.with_name(path.name + ".tmp")
+        tmp.write_text("\n".join(out) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    return changed
+
+
 def validate(job_dir: Path) -> dict[str, Any]:
     """Validate the job's files with the base model's tokenizer, as `tunelab train` would."""
     from tunelab.config import load_config
@@ -75,6 +100,8 @@ def validate(job_dir: Path) -> dict[str, Any]:
     out: dict[str, Any] = {"ok": True}
     for name, label in spec["files"].items():
         path = job_dir / "data" / name
+        if expect == "preference":
+            openai_preference_to_tunelab(path)
         is_train = name == "train.jsonl"
         rep = validate_file(path, tok, cfg.data.max_seq_len, expect=expect,
                             min_examples=cfg.data.min_examples if is_train else 1)
@@ -139,6 +166,7 @@ def run_one(mode: str, job_dir: Path) -> bool:
     from tunelab.errors import TunelabError
 
     out_file = job_dir / ("validate.json" if mode == "validate" else "result.json")
+    t0 = time.perf_counter()
     try:
         result = validate(job_dir) if mode == "validate" else train_job(job_dir)
     except TunelabError as e:
@@ -148,6 +176,7 @@ def run_one(mode: str, job_dir: Path) -> bool:
     except Exception as e:  # any crash becomes the job's error; the traceback stays in child.log
         traceback.print_exc()
         result = {"ok": False, "code": "internal_error", "param": None, "message": f"{type(e).__name__}: {e}"}
+    result["seconds"] = round(time.perf_counter() - t0, 3)  # for the overhead benchmark: work vs. plumbing
     _write_json(out_file, result)
     return bool(result.get("ok"))
 

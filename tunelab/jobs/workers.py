@@ -324,7 +324,14 @@ class WorkerPool:
         self.store.add_event(job_id, "Fine-tuning job started" if not start_step and not row["step"]
                              else f"Fine-tuning job resumed from checkpoint at step {start_step}")
         (jdir / "result.json").unlink(missing_ok=True)
+        if not start_step:
+            # With no checkpoint the child starts over and rewrites metrics.jsonl from its first byte; steps
+            # already reported are still skipped (last_train_step), so no event is repeated.
+            self.store.update_job(job_id, metrics_offset=0)
         proc = self._take_spare()
+        if self._warm and not self._stop.is_set():
+            # The next job's child warms up now, while this one trains: back-to-back jobs then skip the imports.
+            self._keep_spare()
         assert proc.stdin is not None
         try:
             proc.stdin.write(f"{jdir}\n".encode())
@@ -352,8 +359,6 @@ class WorkerPool:
             with self._lock:
                 self._running.pop(job_id, None)
         self._finish(run, jdir)
-        if not self._stop.is_set():
-            self._keep_spare()  # warm up the next job's child while this worker is between jobs
 
     def _control(self, run: _Running) -> None:
         row = self.store.get(jobs, run.job_id)
