@@ -213,7 +213,7 @@ def forgetting_section(res: dict[str, Any] | None) -> str:
     for name, f in res["forgetting"].items():
         mix = f.get("mix_fraction")
         rows.append(f"<tr><td>{escape(name)}</td><td>{'none' if mix is None else f'{mix:.0%}'}</td><td>{_f(f['base'])}</td>"
-                    f"<td>{_f(f['finetuned'])}</td><td>{_f(f['delta'])}{_delta(f['finetuned'], f['base'])}</td></tr>")
+                    f"<td>{_f(f['finetuned'])}</td><td>{_delta(f['finetuned'], f['base']).strip() or _f(None)}</td></tr>")
     n = next((t["general"]["n"] for t in res["targets"] if "general" in t), 0)
     return (f'<h2>Forgetting</h2><p class="note">Accuracy on {n} general instructions (arithmetic, capitals, opposites, '
             "rewriting) never seen in training; a drop against the base model is catastrophic forgetting, which "
