@@ -4,7 +4,7 @@ Creates K random LoRA adapters in a temp dir, starts the server on them, sends a
 requests from `--concurrency` clients (each picks the next request; request i goes to adapter i mod K),
 and prints failed requests, requests/s, p50/p95 latency and generated tokens/s.
 
-    .venv/bin/python bench/serve_load.py --requests 96 --concurrency 32 --adapters 8 --max-tokens 16
+    .venv/bin/python bench/serve_load.py --requests 96 --concurrency 32 --adapters 8 --max-tokens 24
 """
 
 from __future__ import annotations
@@ -62,7 +62,7 @@ def main() -> None:
     ap.add_argument("--requests", type=int, default=96)
     ap.add_argument("--concurrency", type=int, default=32)
     ap.add_argument("--adapters", type=int, default=8)
-    ap.add_argument("--max-tokens", type=int, default=16)
+    ap.add_argument("--max-tokens", type=int, default=24)
     ap.add_argument("--dtype", default="fp32")
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:

@@ -20,8 +20,8 @@ KEY = "sk-test-123"
 
 
 class Server:
-    def __init__(self, proc: subprocess.Popen[str], url: str, lines: list[str]) -> None:
-        self.proc, self.url, self.lines = proc, url, lines
+    def __init__(self, proc: subprocess.Popen[str], url: str, lines: list[str], reader: threading.Thread) -> None:
+        self.proc, self.url, self.lines, self.reader = proc, url, lines, reader
 
 
 def start_serve(args: list[str], timeout: float = 120) -> Server:
@@ -39,19 +39,22 @@ def start_serve(args: list[str], timeout: float = 120) -> Server:
                 found.set()
         found.set()
 
-    threading.Thread(target=reader, daemon=True).start()
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
     found.wait(timeout)
     url = next((m.group(1) for m in (re.match(r"serving on (\S+)", ln) for ln in lines) if m), None)
     if url is None:
         proc.kill()
         raise AssertionError("server did not start:\n" + "\n".join(lines))
-    return Server(proc, url, lines)
+    return Server(proc, url, lines, thread)
 
 
 def stop(server: Server) -> int:
     if server.proc.poll() is None:
         server.proc.send_signal(signal.SIGTERM)
-    return server.proc.wait(timeout=60)
+    code = server.proc.wait(timeout=60)
+    server.reader.join(10)  # every line the server printed has been read
+    return code
 
 
 @pytest.fixture(scope="module")
