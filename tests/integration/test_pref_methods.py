@@ -69,7 +69,7 @@ def test_kto_pairwise_accuracy_on_heldout_pairs(tmp_path: Path, tiny_dir: Path) 
     from tunelab.model.adapters import load_for_inference
     from tunelab.train.dpo import Reference, preference_accuracy
 
-    cfg = make_cfg(tmp_path, tiny_dir, "kto", train={"max_steps": 8, "eval_every": 8})
+    cfg = make_cfg(tmp_path, tiny_dir, "kto", data={"validation": None}, train={"max_steps": 6})
     res = train(cfg, show_progress=False)
     model, tok, _ = load_for_inference(str(res.run_dir))
     pairs = read_preferences(resource("pairs_eval"))[:12]
@@ -78,10 +78,9 @@ def test_kto_pairwise_accuracy_on_heldout_pairs(tmp_path: Path, tiny_dir: Path) 
 
 
 def test_precomputed_reference_trains_like_live_reference(tmp_path: Path, tiny_dir: Path) -> None:
-    live = train(make_cfg(tmp_path, tiny_dir, "dpo", "live", train={"max_steps": 3, "eval_every": 3}),
-                 show_progress=False)
-    pre = train(make_cfg(tmp_path, tiny_dir, "dpo", "pre", dpo={"precompute_ref": True},
-                         train={"max_steps": 3, "eval_every": 3}), show_progress=False)
+    short: dict[str, Any] = {"data": {"validation": None}, "train": {"max_steps": 3}}
+    live = train(make_cfg(tmp_path, tiny_dir, "dpo", "live", **short), show_progress=False)
+    pre = train(make_cfg(tmp_path, tiny_dir, "dpo", "pre", dpo={"precompute_ref": True}, **short), show_progress=False)
     a = [r["train_loss"] for r in read_metrics(live.run_dir) if "train_loss" in r]
     b = [r["train_loss"] for r in read_metrics(pre.run_dir) if "train_loss" in r]
     assert a == pytest.approx(b, abs=1e-5)
@@ -111,7 +110,7 @@ def _peak_weights_during(cfg: Any, monkeypatch: pytest.MonkeyPatch) -> int:
 
 
 def test_dpo_with_adapters_keeps_one_model_copy(tmp_path: Path, tiny_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    short = {"max_steps": 1, "eval_every": 1}
+    short = {"max_steps": 1}
     gc.collect()
     sft_cfg = config_from_dict({
         "model": {"name": str(tiny_dir), "dtype": "fp32"}, "lora": {"r": 8, "dropout": 0.0},
@@ -122,19 +121,21 @@ def test_dpo_with_adapters_keeps_one_model_copy(tmp_path: Path, tiny_dir: Path, 
         json.dumps({"prompt": r["prompt"], "completion": r["chosen"]}) + "\n" for r in rows))
     sft = _peak_weights_during(sft_cfg, monkeypatch)
     gc.collect()
-    dpo = _peak_weights_during(make_cfg(tmp_path, tiny_dir, "dpo", "dpo_lora", train=short), monkeypatch)
+    no_valid = {"validation": None}
+    dpo = _peak_weights_during(make_cfg(tmp_path, tiny_dir, "dpo", "dpo_lora", train=short, data=no_valid), monkeypatch)
     gc.collect()
-    full = _peak_weights_during(make_cfg(tmp_path, tiny_dir, "dpo", "dpo_full", finetune="full", train=short),
-                                monkeypatch)
+    full = _peak_weights_during(make_cfg(tmp_path, tiny_dir, "dpo", "dpo_full", finetune="full", train=short,
+                                         data=no_valid), monkeypatch)
     assert dpo <= sft * 1.02, (sft, dpo)  # the reference is the same weights with adapters off
-    assert full >= dpo * 1.8, (dpo, full)  # the probe does see a copy when there is one (full fine-tuning)
+    # The probe does see a copy when there is one: full fine-tuning keeps a frozen reference (~2x the base).
+    assert full >= dpo * 1.6, (dpo, full)
 
 
 def test_reward_model_saves_loads_and_scores(tmp_path: Path, tiny_dir: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from tunelab.cli import main
     from tunelab.train.reward import RewardModel
 
-    cfg = make_cfg(tmp_path, tiny_dir, "reward", train={"max_steps": 8, "eval_every": 8})
+    cfg = make_cfg(tmp_path, tiny_dir, "reward", data={"validation": None}, train={"max_steps": 8})
     res = train(cfg, show_progress=False)
     rm = RewardModel.load(res.run_dir)
     pairs = read_preferences(resource("pairs_eval"))[:12]
