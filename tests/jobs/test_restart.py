@@ -32,7 +32,7 @@ def test_kill_server_mid_job_then_restart_resumes_from_checkpoint(jobs_env: dict
         with open(jobs_env["root"] / "train.jsonl", "rb") as f:
             train = client.files.create(file=f, purpose="fine-tune")
         job = client.fine_tuning.jobs.create(training_file=train.id, model=BASE, suffix="durable",
-                                             extra_body={"tunelab": {"max_steps": 80, "save_every": 10}})
+                                             extra_body={"tunelab": {"max_steps": 40, "save_every": 10}})
         wait_for(lambda: list(client.fine_tuning.jobs.checkpoints.list(job.id)), timeout=150,
                  what="a first checkpoint")
         before = list(client.fine_tuning.jobs.list_events(job.id, limit=100))
@@ -57,7 +57,7 @@ def test_kill_server_mid_job_then_restart_resumes_from_checkpoint(jobs_env: dict
         resumed = [m for m in messages if m.startswith("Fine-tuning job resumed from checkpoint at step ")]
         assert resumed and int(resumed[0].rsplit(" ", 1)[1]) >= 10
         steps = {e.data["step"] for e in after if e.type == "metrics"}  # type: ignore[index]
-        assert steps == set(range(1, 81))
+        assert steps == set(range(1, 41))
         assert client.files.retrieve(train.id).bytes == (jobs_env["root"] / "train.jsonl").stat().st_size
         reply = client.chat.completions.create(model=done.fine_tuned_model, max_tokens=4,  # type: ignore[arg-type]
                                                messages=[{"role": "user", "content": "echo sun moon"}])

@@ -122,3 +122,13 @@ def test_store_pages_by_owner_with_has_more(tmp_path: Path) -> None:
     assert store.page(jobs, where=[jobs.c.owner == "a"], after=ids[0], limit=5) == ([], False)
     assert store.update_job(ids[1], only_if_status=("running",), status="failed") is False
     assert store.update_job(ids[1], only_if_status=("queued",), status="running") is True
+
+
+def test_the_jobs_server_side_imports_no_torch() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys, tunelab.jobs.app, tunelab.jobs.routes, tunelab.jobs.workers; "
+            "print('torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]

@@ -61,7 +61,7 @@ jobs = Table(
     Column("model", String(512), nullable=False),
     Column("training_file", String(64), nullable=False),
     Column("validation_file", String(64)),
-    Column("status", String(32), nullable=False, index=True),
+    Column("status", String(32), nullable=False),
     Column("created_at", Integer, nullable=False),
     Column("started_at", Integer),
     Column("finished_at", Integer),
@@ -84,6 +84,7 @@ jobs = Table(
     Column("last_valid_step", Integer, nullable=False, default=-1),
     Column("pid", Integer),
     Index("ix_jobs_owner_seq", "owner", "seq"),
+    Index("ix_jobs_status_seq", "status", "seq"),
 )
 
 events = Table(
@@ -209,9 +210,12 @@ class Store:
         with self.write() as c:
             c.execute(insert(events).values(**values))
 
-    def jobs_in(self, *statuses: str) -> list[RowMapping]:
+    def jobs_in(self, *statuses: str, limit: int | None = None) -> list[RowMapping]:
+        """Jobs in these states, oldest first (the queue order); `limit` keeps the workers' polling cheap
+        however many jobs wait."""
+        q = select(jobs).where(jobs.c.status.in_(statuses)).order_by(jobs.c.seq)
         with self.read() as c:
-            return list(c.execute(select(jobs).where(jobs.c.status.in_(statuses)).order_by(jobs.c.seq)).mappings())
+            return list(c.execute(q if limit is None else q.limit(limit)).mappings())
 
     def checkpoints_of(self, job_id: str) -> list[RowMapping]:
         with self.read() as c:

@@ -219,7 +219,7 @@ class WorkerPool:
         if self._warm:
             self._validator_child()
         while not self._stop.is_set():
-            pending = self.store.jobs_in("validating_files")
+            pending = self.store.jobs_in("validating_files", limit=1)
             if not pending:
                 self._sleep()
                 continue
@@ -295,7 +295,7 @@ class WorkerPool:
     # ------------------------------------------------------------------ training
     def _claim(self) -> RowMapping | None:
         with self._claim_lock:
-            for row in self.store.jobs_in("queued"):
+            for row in self.store.jobs_in("queued", limit=self.n_workers + 1):
                 if self.store.update_job(row["id"], only_if_status=("queued",), status="running",
                                          started_at=row["started_at"] or now(), pause_requested=False):
                     return self.store.get(jobs, row["id"])
@@ -325,8 +325,10 @@ class WorkerPool:
                              else f"Fine-tuning job resumed from checkpoint at step {start_step}")
         (jdir / "result.json").unlink(missing_ok=True)
         if not start_step:
-            # With no checkpoint the child starts over and rewrites metrics.jsonl from its first byte; steps
-            # already reported are still skipped (last_train_step), so no event is repeated.
+            # With no checkpoint the child starts over and rewrites metrics.jsonl: remove it before the child
+            # starts so we read the new one from byte 0. Steps already reported are still skipped
+            # (last_train_step), so no event is repeated.
+            (jdir / "run" / "metrics.jsonl").unlink(missing_ok=True)
             self.store.update_job(job_id, metrics_offset=0)
         proc = self._take_spare()
         if self._warm and not self._stop.is_set():
