@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+from pydantic import ValidationError
 
 from tunelab.config import load_config
 from tunelab.errors import ConfigError
@@ -52,5 +53,5 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     p = tmp_path / "c.yaml"
     p.write_text("data: {train: x.jsonl}\n")
     cfg = load_config(p)
-    with pytest.raises(Exception):
+    with pytest.raises(ValidationError):
         cfg.train.lr = 1.0  # type: ignore[misc]

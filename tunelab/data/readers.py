@@ -202,11 +202,11 @@ class _LineParser:
             if ins is None or out is None:
                 return None
             user = ins if not inp else f"{ins}\n\n{inp}"
-            msgs = ([Message("system", system)] if system else []) + [
+            turns = ([Message("system", system)] if system else []) + [
                 Message("user", user),
                 Message("assistant", out),
             ]
-            return Conversation(tuple(msgs), source=src)
+            return Conversation(tuple(turns), source=src)
         if fmt == "sharegpt":
             conv = obj.get("conversations")
             if not isinstance(conv, list) or not conv:

@@ -63,7 +63,7 @@ def assistant_spans(tok: Any, msgs: list[Message], train_on: str) -> tuple[str, 
     idx = [i for i, m in enumerate(msgs) if m.role == "assistant"]
     if train_on == "last_assistant":
         idx = idx[-1:]
-    idx = [i for i in idx if msgs[i].weight is None or msgs[i].weight > 0]
+    idx = [i for i in idx if (w := msgs[i].weight) is None or w > 0]
     spans: list[tuple[int, int]] = []
     cursor = 0
     for i in idx:

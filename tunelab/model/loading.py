@@ -219,12 +219,12 @@ def load_model(
         kwargs["dtype"] = compute
         kwargs["device_map"] = {"": device or ("cuda:0" if torch.cuda.is_available() else "cpu")}
     try:
-        model = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
+        model: Any = AutoModelForCausalLM.from_pretrained(resolved.path, **kwargs)
     except (OSError, ValueError) as e:
         raise TunelabError(f"cannot load model {resolved.display_name!r}: {e}", 2) from e
     if device and not load_in_4bit:
         model.to(device)
     model.config.use_cache = False
     # Remember the user's name for the model: adapters record it as their base.
-    model.tunelab_base_name = name  # type: ignore[attr-defined]
+    model.tunelab_base_name = name
     return model, tok

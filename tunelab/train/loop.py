@@ -20,7 +20,6 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
-from collections.abc import Iterator
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -31,7 +30,6 @@ import torch
 from tunelab.config import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.train import checkpoint as ckpt
-from tunelab.train.tracking import Tracker
 
 
 class Method(ABC):
@@ -315,7 +313,8 @@ def run_loop(ctx: LoopContext, progress: Any = None) -> LoopState:
         lr = ctx.scheduler.get_last_lr()[0]
         if st.step % cfg.train.log_every == 0 or st.step == ctx.total_steps:
             row: dict[str, Any] = {"step": st.step, "epoch": round(st.epoch + st.step_in_epoch / ctx.steps_per_epoch, 4),
-                                   "lr": lr, "tokens_per_s": round(tps, 1), "tokens_seen": st.tokens_seen}
+                                   "lr": lr, "tokens_per_s": round(tps, 1), "tokens_seen": st.tokens_seen,
+                                   "elapsed_s": round(elapsed, 3)}
             row.update({f"train_{k}": v for k, v in rep.items()})
             if "grad_norm" in sums:
                 row["grad_norm"] = sums["grad_norm"]

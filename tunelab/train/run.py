@@ -106,7 +106,8 @@ def _encode_all(method: Method, records: list[Record], what: str, console: Any) 
 
 
 def build_optimizer(cfg: RunConfig, model: Any, console: Any) -> torch.optim.Optimizer:
-    decay, no_decay = [], []
+    decay: list[torch.nn.Parameter] = []
+    no_decay: list[torch.nn.Parameter] = []
     for n, p in model.named_parameters():
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in n.lower() or n.endswith(".bias") else decay).append(p)
@@ -268,7 +269,14 @@ class _ProgressWithDefaults:
     """A rich Progress whose task starts with loss/lr/tok-s fields so the columns render before step 1."""
 
     def __init__(self, console: Any) -> None:
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
 
         self.p = Progress(
             TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
