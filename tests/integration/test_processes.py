@@ -11,10 +11,10 @@ import time
 from pathlib import Path
 from typing import Any
 
+import tiny
 import torch
 import yaml
 from safetensors.torch import load_file
-import tiny
 
 from tunelab.config import config_from_dict
 from tunelab.train.run import train

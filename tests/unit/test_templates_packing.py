@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from typing import Any
 
-import pytest
-import torch
 import tiny
+import torch
 
 from tunelab.data.packing import pack, pad
 from tunelab.data.records import Conversation, Message

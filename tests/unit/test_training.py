@@ -6,8 +6,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import torch
 import tiny
+import torch
 from safetensors.torch import load_file
 
 from tunelab.config import config_from_dict
