@@ -69,6 +69,8 @@ class DataConfig(_Strict):
     system_prompt: str | None = None
     """Prepended to every conversation that has no system message."""
     mix: DataMix | None = None
+    check_contamination: bool = True
+    """Warn when validation/test examples overlap training ones (exact, n-gram or MinHash near-duplicates)."""
 
 
 class TrainConfig(_Strict):
@@ -238,7 +240,7 @@ class RunConfig(_Strict):
     output_dir: str = "runs/run"
     track: list[Literal["tensorboard", "mlflow"]] = []
     mlflow_uri: str | None = None
-    """MLflow tracking URI; default is a local store inside the run folder."""
+    """MLflow tracking URI; default is a local SQLite store inside the run folder (RUN/mlflow.db)."""
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

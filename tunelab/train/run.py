@@ -93,6 +93,27 @@ def load_data(cfg: RunConfig, expect: str, tok: Any, console: Any) -> tuple[list
     return train, valid
 
 
+def warn_contamination(cfg: RunConfig, expect: str, train: list[Record], valid: list[Record], console: Any) -> None:
+    """Evaluation examples that also sit in training make every later score meaningless: say so up front."""
+    from tunelab.data.toolkit.contamination import check_overlap
+
+    held_out = [("validation", valid)]
+    if cfg.data.test:
+        held_out.append(("test", read_records(cfg.data.test, expect=expect)))
+    for name, recs in held_out:
+        if not recs:
+            continue
+        rep = check_overlap(train, recs)
+        leaked = sorted({lk.eval_line for lk in rep.leaks if lk.eval_line is not None})
+        if leaked:
+            ex = rep.leaks[0]
+            console.print(
+                f"[yellow]warning: {len(leaked)} {name} example(s) overlap the training data "
+                f"(e.g. {name} line {ex.eval_line} ~ train line {ex.train_line}, {ex.method} {ex.score}); "
+                f"run `tunelab data contamination` for the full list[/yellow]"
+            )
+
+
 def _encode_all(method: Method, records: list[Record], what: str, console: Any) -> list[Any]:
     items = [method.encode(r) for r in records]
     kept = [i for i in items if i is not None]
@@ -178,6 +199,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
                             gguf_file=cfg.model.gguf_file, device=None if cfg.finetune == "qlora" else str(accelerator.device))
     method = klass(cfg, tok)
     train_recs, valid_recs = load_data(cfg, method.expect, tok, con)
+    if cfg.data.check_contamination and con is not None:
+        warn_contamination(cfg, method.expect, train_recs, valid_recs, con)
     train_items = _encode_all(method, train_recs, "train", con)
     valid_items = _encode_all(method, valid_recs, "validation", con)
     if cfg.train.eval_max_examples:

@@ -1,5 +1,5 @@
 """Metrics out: `metrics.jsonl` always (one JSON object per line), TensorBoard and MLflow when asked
-(`track: [tensorboard, mlflow]`; MLflow uses a local store in the run folder unless `mlflow_uri` is set),
+(`track: [tensorboard, mlflow]`; MLflow uses a local SQLite store, RUN/mlflow.db, unless `mlflow_uri` is set),
 and a loss-curve PNG at the end.
 """
 
@@ -33,7 +33,8 @@ class Tracker:
                 import mlflow
             except ImportError as e:
                 raise TunelabError("track: mlflow needs the mlflow package (pip install mlflow)", 2) from e
-            mlflow.set_tracking_uri(mlflow_uri or (run_dir / "mlruns").resolve().as_uri())
+            # A local SQLite store in the run folder: MLflow's file store is deprecated.
+            mlflow.set_tracking_uri(mlflow_uri or f"sqlite:///{(run_dir / 'mlflow.db').resolve()}")
             mlflow.set_experiment("tunelab")
             self.mlflow = mlflow
             mlflow.start_run(run_name=run_dir.name)
