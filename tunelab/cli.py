@@ -24,7 +24,6 @@ COMMAND_MODULES: list[str] = [
     # helpers add their command modules below this line
     "tunelab.data.toolkit.cli",
     "tunelab.eval.cli",
-    "tunelab.jobs.cli",
     "tunelab.engine.cli",
     "tunelab.jobs.cli",
     "tunelab.train.cli_pref",
@@ -42,8 +41,12 @@ def _quiet_libraries() -> None:
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
     import logging
+    import warnings
 
     logging.getLogger("transformers").setLevel(logging.ERROR)
+    # bitsandbytes says at import that an optional CPU kernel package is missing; it works without it.
+    logging.getLogger("bitsandbytes").setLevel(logging.ERROR)
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"(transformers|peft)\.")
     try:
         from transformers.utils import logging as hf_logging
 
