@@ -96,9 +96,16 @@ def load_rows(path: str | Path, ws: Workspace) -> Any:
     gen: Callable[..., Iterator[dict[str, Any]]] = _jsonl_rows if kind is None else _table_rows
     kwargs: dict[str, Any] = {"path": str(p)} if kind is None else {"path": str(p), "kind": kind}
     datasets.disable_progress_bars()
-    ds = datasets.Dataset.from_generator(
-        gen, features=features, cache_dir=str(ws.dir / "cache"), gen_kwargs=kwargs, fingerprint=f"load-{time.time_ns()}"
-    )
+    try:
+        ds = datasets.Dataset.from_generator(
+            gen, features=features, cache_dir=str(ws.dir / "cache"), gen_kwargs=kwargs,
+            fingerprint=f"load-{time.time_ns()}",
+        )
+    except (ValueError, datasets.exceptions.DatasetGenerationError) as e:
+        # datasets refuses a generator that yields nothing ("corresponds to no data")
+        if "no data" in str(e) or p.stat().st_size == 0:
+            raise TunelabError(f"{p}: file is empty: no examples found") from None
+        raise TunelabError(f"{p}: cannot read ({type(e).__name__}): {e}") from e
     return ds
 
 
