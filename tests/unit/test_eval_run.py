@@ -154,6 +154,22 @@ def test_zero_adapter_equals_base_without_prompt(runs: tuple[Path, Path, Path, P
     assert res["forgetting"]["zero"]["delta"] == 0
 
 
+def test_baseline_results_are_reused_only_when_settings_match(runs: tuple[Path, Path, Path, Path], tmp_path: Path) -> None:
+    root, data, zero, changed = runs
+    cfg = zero / "config.yaml"
+    base_only = evaluate(plan(cfg, data=data, system_prompt="S"))  # the baseline, before any run exists
+    assert [t["name"] for t in base_only["targets"]] == ["base"] and base_only["forgetting"] == {}
+    logs: list[str] = []
+    res = evaluate(plan(cfg, data=data, runs=[changed], system_prompt="S"), log=logs.append, baseline=base_only)
+    assert any("reusing the baseline" in m for m in logs)
+    assert res["targets"][0] == base_only["targets"][0]
+    assert [e["outputs"]["base"] for e in res["examples"]] == [e["outputs"]["base"] for e in base_only["examples"]]
+    assert "changed" in res["forgetting"]
+    logs.clear()  # a different system prompt changes what the base model sees: recomputed
+    evaluate(plan(cfg, data=data, runs=[changed], system_prompt="T"), log=logs.append, baseline=base_only)
+    assert not any("reusing" in m for m in logs)
+
+
 def test_cli_eval_writes_results_and_table(runs: tuple[Path, Path, Path, Path], capsys: pytest.CaptureFixture[str]) -> None:
     from tunelab.cli import main
 

@@ -22,9 +22,10 @@ def eval_cmd(
     max_examples: Annotated[int | None, typer.Option(help="evaluate only the first N examples")] = None,
     forgetting: Annotated[bool | None, typer.Option("--forgetting/--no-forgetting", help="score the general set")] = None,
     out: Annotated[Path | None, typer.Option(help="results JSON (default: RUN/eval/results.json)")] = None,
+    baseline: Annotated[Path | None, typer.Option("--baseline", help="earlier results whose base-model scores to reuse when the settings match")] = None,
 ) -> None:
     """Score the base model and fine-tuned runs on the same held-out examples; write results JSON and a table."""
-    from tunelab.eval.run import evaluate, plan, results_table, write_json
+    from tunelab.eval.run import evaluate, plan, read_results, results_table, write_json
 
     p = plan(config_or_run, data=data, runs=run or [], system_prompt=system_prompt, eval_config=eval_config, out=out)
     updates: dict[str, object] = {}
@@ -34,7 +35,8 @@ def eval_cmd(
         updates["forgetting"] = forgetting
     if updates:
         p.eval_config = p.eval_config.model_copy(update=updates)
-    res = evaluate(p, log=lambda s: err_console.print(s, style="dim", markup=False))
+    prev = read_results(baseline) if baseline else None
+    res = evaluate(p, log=lambda s: err_console.print(s, style="dim", markup=False), baseline=prev)
     for path in p.outputs:
         write_json(path, res)
     console.print(results_table(res))
