@@ -284,9 +284,9 @@ def test_jobs_cli_on_the_official_client(server: Server, guide_job: dict[str, st
     out = run("events", job_id, "--follow")  # returns at once: the job has finished
     assert "Step 8/8: training loss=" in out and out.strip().endswith("The job has successfully completed")
     assert "ckpt-step-2" in run("checkpoints", job_id)
-    file_id = run("upload", str(jobs_env["root"] / "val.jsonl")).strip()
+    file_id = run("upload", str(jobs_env["root"] / "train.jsonl")).strip()
     assert file_id.startswith("file-")
-    created = run("create", file_id, "--model", BASE, "-o", "max_steps=2", "--suffix", "cli")
+    created = run("create", file_id, "--model", BASE, "-o", "max_steps=5000", "--suffix", "cli")
     new_id = next(line.split('"')[3] for line in created.splitlines() if line.strip().startswith('"id"'))
     assert run("cancel", new_id).strip() == "cancelled"
     res = runner.invoke(app, ["jobs", "get", "ftjob-nope", "--base-url", server.url], env=env)
