@@ -53,6 +53,8 @@ def main() -> None:
     ap.add_argument("--max-new-tokens", type=int, default=160)
     ap.add_argument("--work", default="runs/bench-eval")
     ap.add_argument("--skip-train", action="store_true")
+    ap.add_argument("--general", type=int, default=30, help="general-set examples for forgetting")
+    ap.add_argument("--baseline-only", action="store_true", help="score the base model now (before training)")
     ap.add_argument("--judge-url", default=None)
     ap.add_argument("--judge-model", default=None)
     a = ap.parse_args()
@@ -66,25 +68,33 @@ def main() -> None:
     timings: dict[str, float] = {}
     cfgs = {name: train_config(work / name, mix, a.steps, a.lr) for name, mix in runs.items()}
     for name, cfg in cfgs.items():
+        if a.baseline_only:
+            break
         if a.skip_train and (work / name / "adapter").is_dir():
             continue
         t0 = time.time()
         subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(cfg), "--overwrite"], check=True, cwd=ROOT)
         timings[f"train {name}"] = time.time() - t0
 
-    p = plan(cfgs["nomix"], runs=[work / "nomix", work / "mix20"], system_prompt=FORMAT_INSTRUCTIONS)
+    run_dirs = [] if a.baseline_only else [work / "nomix", work / "mix20"]
+    p = plan(cfgs["nomix"], runs=run_dirs, system_prompt=FORMAT_INSTRUCTIONS)
     p.eval_config = EvalConfig(
         metrics=["json_valid", "schema", "field_accuracy", "exact_match", "rouge_l"],
-        json_schema=JSON_SCHEMA, fields=list(FIELDS), max_examples=a.limit,
+        json_schema=JSON_SCHEMA, fields=list(FIELDS), max_examples=a.limit, general_max_examples=a.general,
         generation=GenerationSettings(max_new_tokens=a.max_new_tokens, batch_size=8),
         judge=JudgeSettings(base_url=a.judge_url, model=a.judge_model),
     )
-    p.outputs = [work / name / "eval" / "results.json" for name in runs]
+    base_file = work / "base-results.json"
+    p.outputs = [base_file] if a.baseline_only else [work / name / "eval" / "results.json" for name in runs]
     t0 = time.time()
-    res = evaluate(p, log=lambda s: print(s, file=sys.stderr))
-    timings["evaluate 3 models"] = time.time() - t0
+    prev = json.loads(base_file.read_text()) if base_file.is_file() and not a.baseline_only else None
+    res = evaluate(p, log=lambda s: print(s, file=sys.stderr), baseline=prev)
+    timings["evaluate"] = time.time() - t0
     for out in p.outputs:
         write_json(out, res)
+    if a.baseline_only:
+        print(json.dumps(res["targets"][0]["metrics"]), res["targets"][0].get("general", {}).get("accuracy"))
+        return
 
     from rich.console import Console
 
