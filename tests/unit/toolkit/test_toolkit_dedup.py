@@ -145,3 +145,20 @@ def test_missing_file_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(TunelabError, match="file not found"):
         dedup(tmp_path / "nope.jsonl", tmp_path / "o.jsonl")
+
+
+def test_worker_processes_give_the_same_result(tmp_path: Path) -> None:
+    """num_proc=2 runs the signature pass in `datasets` worker processes; the result must not change."""
+    from tunelab.data.toolkit.scrub import ScrubConfig, scrub
+
+    src, _ = planted(tmp_path)
+    one = dedup(src, tmp_path / "one.jsonl", DedupConfig(num_proc=1), tmp_path / "one.rej.jsonl")
+    two = dedup(src, tmp_path / "two.jsonl", DedupConfig(num_proc=2), tmp_path / "two.rej.jsonl")
+    assert one.reasons == two.reasons
+    assert (tmp_path / "one.jsonl").read_text() == (tmp_path / "two.jsonl").read_text()
+    assert (tmp_path / "one.rej.jsonl").read_text() == (tmp_path / "two.rej.jsonl").read_text()
+    pii = write_rows(tmp_path / "pii.jsonl", [chat(f"mail user{i}@example.com or call (415) 555-{1000 + i}")
+                                              for i in range(40)])
+    rep = scrub(pii, tmp_path / "s.jsonl", ScrubConfig(num_proc=2))
+    assert rep.details["pii_counts"] == {"EMAIL": 40, "PHONE": 40} and rep.rows_changed == 40
+    assert "@" not in (tmp_path / "s.jsonl").read_text()
