@@ -9,7 +9,12 @@ from pathlib import Path
 from toolkit_helpers import assert_accounted, chat, write_rows
 
 from tunelab.data.readers import read_conversations
-from tunelab.data.toolkit.contamination import ContaminationConfig, check_overlap, contamination
+from tunelab.data.toolkit.contamination import (
+    ContaminationConfig,
+    check_overlap,
+    contamination,
+    overlap_warning,
+)
 
 VOCAB = ("account billing invoice refund password login email shipping order parcel warehouse courier "
          "subscription plan upgrade downgrade cancel renew discount coupon receipt payment card bank").split()
@@ -80,3 +85,11 @@ def test_same_generator_is_flagged(tmp_path: Path) -> None:
     rep, _ = contamination(train, ev)
     assert rep.leaks == [] and rep.same_generator == ["gpt-x"]
     assert "same generator" in rep.summary()
+
+
+def test_overlap_warning_for_train(tmp_path: Path) -> None:
+    train, ev, _ = planted(tmp_path)
+    msg = overlap_warning(read_conversations(train), read_conversations(ev), "test")
+    assert msg is not None and msg.startswith("3 of 6 test examples") and "lines 1, 2, 3" in msg
+    clean_eval = write_rows(tmp_path / "clean.jsonl", [chat("an entirely different question about gardening")])
+    assert overlap_warning(read_conversations(train), read_conversations(clean_eval)) is None

@@ -193,6 +193,22 @@ def check_overlap(
     return rep
 
 
+def overlap_warning(
+    train_records: Sequence[Record], eval_records: Sequence[Record], split: str = "validation",
+    config: ContaminationConfig | None = None,
+) -> str | None:
+    """A one-line warning when `eval_records` leak into `train_records`, else None (for `tunelab train`)."""
+    rep = check_overlap(train_records, eval_records, config)
+    if not rep.leaks:
+        return None
+    lines = sorted({lk.eval_line for lk in rep.leaks if lk.eval_line is not None})
+    shown = ", ".join(str(x) for x in lines[:10])
+    more = f" (+{len(lines) - 10} more)" if len(lines) > 10 else ""
+    return (f"{len(rep.leaked_eval)} of {len(eval_records)} {split} examples also appear (near-)verbatim in the "
+            f"training data (lines {shown}{more}): {split} metrics will be optimistic; "
+            "remove them with `tunelab data contamination TRAIN EVAL -o CLEAN`")
+
+
 def _match_batch(batch: dict[str, list[Any]], index: EvalIndex, roles: list[str] | None) -> dict[str, list[Any]]:
     out, gens, ok = [], [], []
     for raw in batch["_raw"]:
