@@ -65,14 +65,19 @@ def test_base_and_adapters_give_different_greedy_outputs(engine: Engine) -> None
     assert all(len(v) == 10 for v in outs.values())
 
 
-def test_mixed_adapter_batch_matches_each_request_alone(engine: Engine) -> None:
-    jobs = [(m, p) for m, p in zip(["tiny", "alpha", "beta", "alpha", "beta", "tiny"], PROMPTS, strict=True)]
-    alone = [asyncio.run(run(engine, m, p))[1] for m, p in jobs]
-    before = dict(engine.stats)
-    together = asyncio.run(run_many(engine, jobs))
-    assert engine.stats["batches"] - before["batches"] == 1  # one forward pass served all three models
-    assert engine.stats["rows"] - before["rows"] == len(jobs)
-    assert together == alone
+def test_mixed_adapter_batch_matches_each_request_alone(lora_base_dir: Path, tiny_adapters: Path) -> None:
+    # Without joining mid-batch, so the batch count shows the six requests shared one forward pass.
+    engine = make_engine(lora_base_dir, adapters_dir=tiny_adapters, continuous_batching=False)
+    try:
+        jobs = [(m, p) for m, p in zip(["tiny", "alpha", "beta", "alpha", "beta", "tiny"], PROMPTS, strict=True)]
+        alone = [asyncio.run(run(engine, m, p))[1] for m, p in jobs]
+        before = dict(engine.stats)
+        together = asyncio.run(run_many(engine, jobs))
+        assert engine.stats["batches"] - before["batches"] == 1  # one forward pass served all three models
+        assert engine.stats["rows"] - before["rows"] == len(jobs)
+        assert together == alone
+    finally:
+        engine.close()
 
 
 def test_one_adapter_at_a_time_mode_gives_same_tokens(lora_base_dir: Path, tiny_adapters: Path, engine: Engine) -> None:
@@ -254,3 +259,38 @@ def test_register_and_unregister_while_running(engine: Engine, tiny_adapters: Pa
         asyncio.run(run(engine, "ft:tiny:acme:v1", "abc"))
     engine.register_adapter("ft:tiny:acme:v1", tiny_adapters / "beta")  # same name, new weights
     assert asyncio.run(run(engine, "ft:tiny:acme:v1", "abc"))[1] == asyncio.run(run(engine, "beta", "abc"))[1]
+
+
+def test_requests_join_a_running_batch_and_match_alone(engine: Engine) -> None:
+    jobs = [("alpha", "hello there"), ("beta", "abc"), ("tiny", "zz top"), ("beta", "the quick brown fox")]
+    alone = [asyncio.run(run(engine, m, p, max_tokens=12))[1] for m, p in jobs]
+
+    async def staggered() -> list[list[int]]:
+        first = asyncio.ensure_future(run(engine, *jobs[0], max_tokens=12))
+        await asyncio.sleep(0.05)  # the first batch is running when the others arrive
+        rest = await asyncio.gather(*(run(engine, m, p, max_tokens=12) for m, p in jobs[1:]))
+        return [(await first)[1], *(r[1] for r in rest)]
+
+    before = dict(engine.stats)
+    got = asyncio.run(staggered())
+    assert got == alone
+    assert engine.stats["joined"] - before["joined"] >= 1  # at least one joined mid-batch
+
+
+def test_base_only_batch_admits_only_base_until_an_adapter_is_loaded(lora_base_dir: Path, tiny_adapters: Path) -> None:
+    e = make_engine(lora_base_dir, adapters_dir=tiny_adapters)  # no adapter loaded yet: the bare model runs
+    try:
+        jobs = [("tiny", "hello there"), ("alpha", "abc"), ("tiny", "abc")]
+        alone = [asyncio.run(run(e, m, p, max_tokens=12))[1] for m, p in jobs]
+        e.close()
+        e = make_engine(lora_base_dir, adapters_dir=tiny_adapters)
+
+        async def staggered() -> list[list[int]]:
+            first = asyncio.ensure_future(run(e, *jobs[0], max_tokens=12))
+            await asyncio.sleep(0.05)
+            rest = await asyncio.gather(*(run(e, m, p, max_tokens=12) for m, p in jobs[1:]))
+            return [(await first)[1], *(r[1] for r in rest)]
+
+        assert asyncio.run(staggered()) == alone
+    finally:
+        e.close()

@@ -1,5 +1,6 @@
 """One running batch: left-padded prefill, then a token at a time with a KV cache, rows leaving as they
-finish or are cancelled. Knows nothing about adapters beyond the per-row names it forwards to PEFT.
+finish or are cancelled and new ones joining between tokens (their cache is prefilled apart, then padded
+and concatenated). Knows nothing about adapters beyond the per-row names it forwards to PEFT.
 
 A sequence's output goes to its asyncio queue on the server's event loop (thread-safe hand-off), so the
 worker thread never blocks on a slow client.
@@ -14,6 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from tunelab.engine.sampling import make_generator, pick_tokens
 from tunelab.engine.text import StopMatcher
@@ -88,6 +90,68 @@ def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple
     return ids.to(device), mask.to(device)
 
 
+@dataclass(eq=False)
+class _Running:
+    """The rows of a running batch and their state: KV cache, attention mask (its length is the cache's),
+    each row's last position, its sampler, and the logits or the tokens picked for the next forward."""
+
+    rows: list[Sequence]
+    gens: list[torch.Generator | None]
+    cache: Any
+    mask: torch.Tensor
+    last_pos: torch.Tensor
+    logits: torch.Tensor
+    picks: list[int] = field(default_factory=list)
+
+
+def _prefill(model: Any, rows: list[Sequence], kwargs: dict[str, Any], pad_id: int, device: torch.device) -> _Running:
+    ids, mask = _left_pad([s.prompt_ids for s in rows], pad_id, device)
+    positions = (mask.cumsum(-1) - 1).clamp(min=0)
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
+                **kwargs)
+    gens = [make_generator(s.request.sampling, device) for s in rows]
+    return _Running(rows, gens, out.past_key_values, mask, positions[:, -1], out.logits[:, -1, :])
+
+
+def _pick_and_advance(
+    state: _Running, eos_ids: set[int], decode: Callable[[list[int]], str], device: torch.device
+) -> int:
+    """Pick each row's next token, send its text, and drop the rows that finished or were cancelled."""
+    picks = pick_tokens(state.logits, [s.request.sampling for s in state.rows], state.gens)
+    keep = [i for i, (seq, tok) in enumerate(zip(state.rows, picks, strict=True))
+            if not seq.cancelled.is_set() and _advance(seq, tok, eos_ids, decode) is None]
+    produced = len(state.rows)
+    if len(keep) < len(state.rows):
+        if keep:
+            index = torch.tensor(keep, device=device)
+            state.cache.batch_select_indices(index)
+            state.mask, state.last_pos = state.mask[index], state.last_pos[index]
+        state.rows, state.gens = [state.rows[i] for i in keep], [state.gens[i] for i in keep]
+    state.picks = [picks[i] for i in keep]
+    return produced
+
+
+def _joinable(cache: Any) -> bool:
+    # Joining pads caches along the sequence axis; only plain growing caches (no sliding window,
+    # no quantised or static layers) can be padded that way.
+    layers: list[Any] = list(getattr(cache, "layers", None) or [])
+    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+
+
+def _join(state: _Running, new: _Running) -> None:
+    """Append `new`'s rows to `state`, left-padding the shorter cache and mask to a common length."""
+    t1, t2 = state.mask.shape[1], new.mask.shape[1]
+    width = max(t1, t2)
+    for a, b in zip(state.cache.layers, new.cache.layers, strict=True):
+        a.keys = torch.cat([F.pad(a.keys, (0, 0, width - t1, 0)), F.pad(b.keys, (0, 0, width - t2, 0))])
+        a.values = torch.cat([F.pad(a.values, (0, 0, width - t1, 0)), F.pad(b.values, (0, 0, width - t2, 0))])
+    state.mask = torch.cat([F.pad(state.mask, (width - t1, 0)), F.pad(new.mask, (width - t2, 0))])
+    state.last_pos = torch.cat([state.last_pos, new.last_pos])
+    state.rows += new.rows
+    state.gens += new.gens
+    state.picks += new.picks
+
+
 def run_batch(
     model: Any,
     seqs: list[Sequence],
@@ -97,48 +161,41 @@ def run_batch(
     eos_ids: set[int],
     pad_id: int,
     device: torch.device,
+    admit: Callable[[list[Sequence]], list[Sequence]] | None = None,
 ) -> int:
     """Generate every sequence to completion; returns the number of tokens generated.
 
     `forward_kwargs(rows)` gives extra arguments for a forward over those rows (PEFT's `adapter_names`).
+    `admit(running_rows)`, called between tokens, returns new sequences to join the batch (continuous
+    batching): they are prefilled on their own, then their KV cache is joined to the running one.
     """
     rows = [s for s in seqs if not s.cancelled.is_set()]
     if not rows:
         return 0
-    ids, mask = _left_pad([s.prompt_ids for s in rows], pad_id, device)
-    positions = (mask.cumsum(-1) - 1).clamp(min=0)
-    gens = [make_generator(s.request.sampling, device) for s in rows]
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                **forward_kwargs(rows))
-    cache = out.past_key_values
-    logits = out.logits[:, -1, :]
-    last_pos = positions[:, -1]
+    state = _prefill(model, rows, forward_kwargs(rows), pad_id, device)
+    if not _joinable(state.cache):
+        admit = None
     produced = 0
     while True:
-        picks = pick_tokens(logits, [s.request.sampling for s in rows], gens)
-        keep: list[int] = []
-        for i, (seq, tok) in enumerate(zip(rows, picks, strict=True)):
-            produced += 1
-            if seq.cancelled.is_set():
-                continue
-            reason = _advance(seq, tok, eos_ids, decode)
-            if reason is None:
-                keep.append(i)
-        if not keep:
+        produced += _pick_and_advance(state, eos_ids, decode, device)
+        joiners = admit(state.rows) if admit is not None else []
+        joiners = [s for s in joiners if not s.cancelled.is_set()]
+        if joiners:
+            new = _prefill(model, joiners, forward_kwargs(joiners), pad_id, device)
+            produced += _pick_and_advance(new, eos_ids, decode, device)
+            if not state.rows:
+                state = new
+            elif new.rows:
+                _join(state, new)
+        if not state.rows:
             return produced
-        if len(keep) < len(rows):
-            index = torch.tensor(keep, device=device)
-            cache.batch_select_indices(index)
-            mask, last_pos = mask[index], last_pos[index]
-            rows, gens = [rows[i] for i in keep], [gens[i] for i in keep]
-            picks = [picks[i] for i in keep]
-        mask = torch.cat([mask, mask.new_ones((len(rows), 1))], dim=-1)
-        last_pos = last_pos + 1
-        step = torch.tensor(picks, dtype=torch.long, device=device)[:, None]
-        out = model(input_ids=step, attention_mask=mask, position_ids=last_pos[:, None], past_key_values=cache,
-                    use_cache=True, **forward_kwargs(rows))
-        cache = out.past_key_values
-        logits = out.logits[:, -1, :]
+        state.mask = torch.cat([state.mask, state.mask.new_ones((len(state.rows), 1))], dim=-1)
+        state.last_pos = state.last_pos + 1
+        step = torch.tensor(state.picks, dtype=torch.long, device=device)[:, None]
+        out = model(input_ids=step, attention_mask=state.mask, position_ids=state.last_pos[:, None],
+                    past_key_values=state.cache, use_cache=True, **forward_kwargs(state.rows))
+        state.cache = out.past_key_values
+        state.logits = out.logits[:, -1, :]
 
 
 def _advance(seq: Sequence, tok: int, eos_ids: set[int], decode: Callable[[list[int]], str]) -> FinishReason | None:

@@ -1,8 +1,9 @@
 """The engine: one base model in memory, many LoRA adapters routed by name, one worker thread batching
 whatever requests are waiting into a single forward pass (PEFT's per-row `adapter_names`).
 
-Adapters are registered (checked against the base, not loaded), loaded on first use and evicted least
-recently used beyond `max_loaded_adapters`. Inside PEFT each adapter gets an internal name (`a<uid>`),
+Requests that arrive while a batch runs join it between two tokens (continuous batching). Adapters are
+registered (checked against the base, not loaded), loaded on first use and evicted least recently used
+beyond `max_loaded_adapters`. Inside PEFT each adapter gets an internal name (`a<uid>`),
 so any served name works (PEFT's module dicts forbid dots) and re-registering a name loads fresh weights.
 Merged mode folds one adapter into the weights and serves only that adapter's name. No HTTP here.
 """
@@ -66,6 +67,7 @@ class Engine:
         max_loaded_adapters: int = 8,
         max_batch_size: int = 32,
         mixed_batching: bool = True,
+        continuous_batching: bool = True,
         batch_wait_s: float = 0.002,
         adapters_dir: str | Path | None = None,
         max_model_len: int | None = None,
@@ -79,6 +81,7 @@ class Engine:
         self.max_loaded_adapters = max_loaded_adapters
         self.max_batch_size = max_batch_size
         self.mixed_batching = mixed_batching
+        self.continuous_batching = continuous_batching
         self.batch_wait_s = batch_wait_s
         self._device = next(model.parameters()).device
         self._created = int(time.time())
@@ -98,8 +101,10 @@ class Engine:
         self._inbox: queue.Queue[Sequence | None] = queue.Queue()
         self._pending: deque[Sequence] = deque()
         self._closed = False
-        self.stats = {"batches": 0, "tokens": 0, "rows": 0, "adapter_loads": 0, "adapter_evictions": 0,
-                      "running": 0}
+        self._stopping = False  # the worker saw the close sentinel
+        self._batch_on_peft = False  # whether the running batch's forward goes through the PEFT model
+        self.stats = {"batches": 0, "tokens": 0, "rows": 0, "joined": 0, "adapter_loads": 0,
+                      "adapter_evictions": 0, "running": 0}
         self.load_seconds: dict[str, float] = {}
         if self._adapters_dir is not None:
             if self._adapters_dir.exists() and not self._adapters_dir.is_dir():
@@ -307,12 +312,14 @@ class Engine:
                     if not batch:
                         continue
                     self.stats["running"] = len(batch)
+                    self._batch_on_peft = self._peft is not None
                     self.stats["batches"] += 1  # counted before running: clients may read stats on their reply
                     self.stats["rows"] += len(batch)
                     with self._context(batch):
                         made = run_batch(self._peft or self._base, batch, forward_kwargs=self._forward_kwargs,
                                          decode=self._decode, eos_ids=self._eos, pad_id=self._pad,
-                                         device=self._device)
+                                         device=self._device,
+                                         admit=self._admit if self.continuous_batching else None)
                 self.stats["tokens"] += made
             except Exception as e:  # a failed batch fails its requests, never the server
                 log.exception("generation failed")
@@ -326,33 +333,60 @@ class Engine:
 
     def _collect(self) -> bool:
         """Move arrivals from the inbox to the pending queue; block while idle. False once closed."""
-        block = not self._pending
-        try:
-            item = self._inbox.get(timeout=0.5) if block else self._inbox.get_nowait()
-        except queue.Empty:
-            return not self._closed
-        if item is None:
+        if self._stopping:
             return False
-        self._pending.append(item)
-        if block and self.batch_wait_s:
-            time.sleep(self.batch_wait_s)  # requests sent together arrive a moment apart: let them join
+        if not self._pending:
+            try:
+                item = self._inbox.get(timeout=0.5)
+            except queue.Empty:
+                return not self._closed
+            if item is None:
+                self._stopping = True
+                return False
+            self._pending.append(item)
+            if self.batch_wait_s:
+                time.sleep(self.batch_wait_s)  # requests sent together arrive a moment apart: let them join
+        self._drain()
+        return not self._stopping
+
+    def _drain(self) -> None:
         while True:
             try:
                 item = self._inbox.get_nowait()
             except queue.Empty:
-                return True
+                return
             if item is None:
-                return False
+                self._stopping = True
+                return
             self._pending.append(item)
 
-    def _select(self) -> list[Sequence]:
-        """Take the next batch from pending, oldest first, within the batch size and the adapter budget."""
+    def _admit(self, running: list[Sequence]) -> list[Sequence]:
+        """Between two tokens of a running batch: the waiting sequences that may join it now."""
+        self._drain()
+        if self._stopping or not self._pending or not running:
+            return []  # an emptied batch ends: the next one starts afresh (its own adapter context)
+        # A batch that started before any adapter was loaded runs on the bare model object: loading one
+        # now would patch its layers for every row, so only base requests may join it.
+        joiners = self._select(running, adapters_ok=self._batch_on_peft)
+        if not joiners:
+            return []
+        joiners = self._ensure_loaded(joiners, keep={s.adapter for s in running if s.adapter is not None})
+        self.stats["rows"] += len(joiners)
+        self.stats["joined"] += len(joiners)
+        self.stats["running"] = len(running) + len(joiners)
+        return joiners
+
+    def _select(self, running: list[Sequence] | None = None, adapters_ok: bool = True) -> list[Sequence]:
+        """Take the next batch from pending, oldest first, within the batch size and the adapter budget;
+        with `running` rows, the sequences that can join them."""
+        running = running or []
         with self._lock:
             known = set(self._adapters)
         batch: list[Sequence] = []
-        names: set[str] = set()
+        names: set[str] = {s.adapter for s in running if s.adapter is not None}
         rest: deque[Sequence] = deque()
-        first: Sequence | None = None
+        first: Sequence | None = running[0] if running else None
+        capacity = self.max_batch_size - len(running)
         for seq in self._pending:
             if seq.cancelled.is_set():
                 continue
@@ -361,7 +395,7 @@ class Engine:
                 continue
             if first is None:
                 first = seq
-            fits = len(batch) < self.max_batch_size
+            fits = len(batch) < capacity and (adapters_ok or seq.adapter is None)
             if not self.mixed_batching or self._needs_own_batch(first.adapter):
                 fits = fits and seq.adapter == first.adapter
             elif self._needs_own_batch(seq.adapter):
@@ -382,8 +416,9 @@ class Engine:
         a = self._adapters.get(adapter) if adapter is not None else None
         return a is not None and a.folder.use_dora
 
-    def _ensure_loaded(self, batch: list[Sequence]) -> list[Sequence]:
-        """Load the batch's adapters (evicting least recently used ones); fail requests whose adapter breaks."""
+    def _ensure_loaded(self, batch: list[Sequence], keep: set[str] | None = None) -> list[Sequence]:
+        """Load the batch's adapters (evicting least recently used ones, never those in `keep`); fail the
+        requests whose adapter breaks."""
         wanted = [n for n in dict.fromkeys(s.adapter for s in batch) if n is not None]
         with self._lock:
             adapters = {n: self._adapters[n] for n in wanted if n in self._adapters}
@@ -402,7 +437,7 @@ class Engine:
                     log.warning("adapter %r failed to load: %s", name, e)
                     failed[name] = EngineError(f"adapter {name!r} could not be loaded from {a.folder.path}: {e}",
                                                code="adapter_load_failed")
-        self._evict(keep=set(wanted))
+        self._evict(keep=set(wanted) | (keep or set()))
         if not failed:
             return batch
         for seq in batch:
