@@ -148,7 +148,10 @@ def synth_cmd(
     cfg = _cfg(SynthConfig, base_url=base_url, model=model, api_key_env=api_key_env, per_topic=per_topic,
                concurrency=concurrency, max_retries=retries, timeout=timeout, judge=judge, judge_model=judge_model,
                min_score=min_score, cache_dir=cache_dir, dedup=dedup)
-    _show(synth(output, names, seeds, cfg, rejects), report)
+    rep = synth(output, names, seeds, cfg, rejects)
+    _show(rep, report)
+    if rep.rows_in and not rep.rows_out:  # scripts must notice that nothing came back
+        raise TunelabError(f"synth: no example was generated; reasons are in {rep.rejects}")
 
 
 def contamination_cmd(
