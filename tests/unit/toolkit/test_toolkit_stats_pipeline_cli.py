@@ -132,7 +132,10 @@ def test_cli_errors_exit_nonzero_without_traceback(tmp_path: Path, capsys: pytes
     assert run_cli(["data", "dedup", str(tmp_path / "missing.jsonl"), "-o", str(tmp_path / "o.jsonl")]) == 1
     assert run_cli(["data", "dedup", str(tmp_path / "x.jsonl"), "-o", "o.jsonl", "--threshold", "3"]) == 2
     assert run_cli(["data", "scrub", str(tmp_path / "x.jsonl"), "-o", "o.jsonl", "--types", "email,shoe"]) != 0
+    assert run_cli(["data", "synth", "-o", str(tmp_path / "s.jsonl"), "--topic", "tea", "--base-url",
+                    "http://127.0.0.1:9/v1", "--retries", "0", "--cache-dir", str(tmp_path / "c")]) == 1
     (tmp_path / "empty.jsonl").write_text("")
     assert run_cli(["data", "stats", str(tmp_path / "empty.jsonl")]) == 1
     err = capsys.readouterr().err
     assert "file not found" in err and "threshold" in err and "file is empty" in err and "Traceback" not in err
+    assert "no example was generated" in err
