@@ -81,7 +81,8 @@ def jobs_env(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 
 @pytest.fixture(scope="module")
 def server(jobs_env: dict[str, Path]) -> Iterator[Server]:
-    srv = start_server(jobs_env["model"], jobs_env["root"] / "data", jobs_env["keys"], "--workers", "1")
+    srv = start_server(jobs_env["model"], jobs_env["root"] / "data", jobs_env["keys"], "--workers", "1",
+                       "--max-upload-bytes", "200000")
     yield srv
     srv.stop()
 

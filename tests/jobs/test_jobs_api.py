@@ -109,6 +109,10 @@ def test_files_api_pagination_delete_and_jsonl_check(server: Server, jobs_env: d
         client.files.retrieve(ids[1])
     with pytest.raises(openai.BadRequestError, match="line 2"):
         client.files.create(file=("x.jsonl", b'{"ok": 1}\nnot json\n'), purpose="fine-tune")
+    with pytest.raises(openai.APIStatusError, match="upload limit") as too_big:  # --max-upload-bytes 200000
+        client.files.create(file=("big.jsonl", b'{"a": 1}\n' * 30_000), purpose="fine-tune")
+    assert too_big.value.status_code == 413
+    assert len(list(client.files.list(purpose="fine-tune"))) == len(every) - 1  # one deleted, nothing half-stored
     with pytest.raises(openai.BadRequestError, match="purpose"):
         client.files.create(file=("x.jsonl", b"{}\n"), purpose="nonsense")  # type: ignore[arg-type]
 
