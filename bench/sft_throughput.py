@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 BATCH, MAX_LEN, LR = 8, 1024, 2e-4
+# tunelab's default (no gradient checkpointing), tunelab with it (TRL's default), and TRL's SFTTrainer defaults.
+WORKERS = ("tunelab", "tunelab+gc", "trl")
 WORDS = ("patient presents with acute chronic pain fever cough history of hypertension diabetes plan follow up "
          "return precautions medication dose daily twice assessment stable improving worse imaging labs normal "
          "the a of and to in with for on at by from").split()
@@ -62,7 +64,7 @@ def non_embedding_params(model: Any) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
 
 
-def run_tunelab(data: Path, steps: int, warmup: int, out: Path) -> dict[str, Any]:
+def run_tunelab(data: Path, steps: int, warmup: int, out: Path, gc: bool = False) -> dict[str, Any]:
     from tunelab.config import config_from_dict
     from tunelab.model.loading import load_model
     from tunelab.train.run import train
@@ -72,7 +74,8 @@ def run_tunelab(data: Path, steps: int, warmup: int, out: Path) -> dict[str, Any
         "model": {"name": "smollm2-135m-instruct", "dtype": "bf16"},
         "finetune": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
         "data": {"train": str(data), "max_seq_len": MAX_LEN},
-        "train": {"max_steps": warmup + steps, "batch_size": BATCH, "lr": LR, "warmup_ratio": 0.0, "log_every": 1},
+        "train": {"max_steps": warmup + steps, "batch_size": BATCH, "lr": LR, "warmup_ratio": 0.0, "log_every": 1,
+                  "gradient_checkpointing": gc},
         "eval": {"baseline": False}, "output_dir": str(out),
     })
     train(cfg, overwrite=True, show_progress=False)
@@ -137,7 +140,8 @@ def worker(name: str, data: Path, steps: int, warmup: int) -> None:
 
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
-        res = (run_tunelab if name == "tunelab" else run_trl)(data, steps, warmup, Path(d) / "out")
+        out = Path(d) / "out"
+        res = run_trl(data, steps, warmup, out) if name == "trl" else run_tunelab(data, steps, warmup, out, name == "tunelab+gc")
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["matmul_peak_gflops"] = matmul_peak() / 1e9
     print("RESULT " + json.dumps(res), flush=True)
@@ -148,7 +152,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--examples", type=int, default=256)
-    ap.add_argument("--worker", choices=["tunelab", "trl"])
+    ap.add_argument("--worker", choices=WORKERS)
     ap.add_argument("--data")
     a = ap.parse_args()
     if a.worker:
@@ -158,7 +162,7 @@ def main() -> None:
         data = Path(d) / "data.jsonl"
         make_data(data, a.examples)
         results = {}
-        for name in ("tunelab", "trl"):
+        for name in WORKERS:
             p = subprocess.run([sys.executable, __file__, "--worker", name, "--data", str(data), "--steps", str(a.steps),
                                 "--warmup", str(a.warmup)], capture_output=True, text=True,
                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -171,11 +175,14 @@ def main() -> None:
     # LoRA model FLOPs per token: forward 2N + backward through activations 2N (frozen weights get no grads).
     mfu = {k: 4 * t["params"] * v["tokens_per_s"] / peak for k, v in results.items()}
     print(f"\nSFT-LoRA on SmolLM2-135M, batch {BATCH}, max length {MAX_LEN}, bf16, {a.steps} timed steps")
-    print(f"{'':10} {'useful tok/s':>13} {'peak RSS MiB':>13} {'final loss':>11} {'MFU':>7}")
+    print(f"{'':12} {'useful tok/s':>13} {'peak RSS MiB':>13} {'final loss':>11} {'MFU':>7}")
     for k, v in results.items():
-        print(f"{k:10} {v['tokens_per_s']:13.0f} {v['peak_rss_mib']:13.0f} {v['final_loss']:11.3f} {100 * mfu[k]:6.1f}%")
-    print(f"speed-up: {t['tokens_per_s'] / r['tokens_per_s']:.2f}x; memory ratio {t['peak_rss_mib'] / r['peak_rss_mib']:.2f}; "
-          f"bf16 matmul peak {peak / 1e9:.0f} GFLOP/s; TRL gradient_checkpointing={r.get('gradient_checkpointing')}")
+        print(f"{k:12} {v['tokens_per_s']:13.0f} {v['peak_rss_mib']:13.0f} {v['final_loss']:11.3f} {100 * mfu[k]:6.1f}%")
+    for k in ("tunelab", "tunelab+gc"):
+        v = results[k]
+        print(f"{k} vs trl: {v['tokens_per_s'] / r['tokens_per_s']:.2f}x useful tokens/s, "
+              f"{v['peak_rss_mib'] / r['peak_rss_mib']:.2f}x peak memory")
+    print(f"bf16 matmul peak {peak / 1e9:.0f} GFLOP/s; TRL gradient_checkpointing={r.get('gradient_checkpointing')}")
 
 
 if __name__ == "__main__":
