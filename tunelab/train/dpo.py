@@ -22,7 +22,7 @@ from tunelab.data.records import Conversation, Preference
 from tunelab.data.templates import Encoded, encode
 from tunelab.losses import sequence_logps
 from tunelab.preference_losses import dpo_loss
-from tunelab.train.loop import LoopContext, Method
+from tunelab.train.loop import LoopContext, Method, autocast
 from tunelab.train.sft import forward_kept_logits
 
 
@@ -134,7 +134,8 @@ class PairMethod(Method):
             for j in range(0, len(items), bs):
                 chunk = items[j : j + bs]
                 batch = {k: v.to(ctx.accelerator.device) for k, v in self.collate_no_ref(chunk).items()}
-                sums, _, _ = batch_logps(ctx.model, batch)
+                with autocast(ctx):  # the same precision the training forward will use
+                    sums, _, _ = batch_logps(ctx.model, batch)
                 for k, it in enumerate(chunk):
                     it.ref_chosen, it.ref_rejected = float(sums[k]), float(sums[len(chunk) + k])
         ctx.model.train(was_training)

@@ -18,7 +18,7 @@ from tunelab.data.records import Conversation
 from tunelab.data.templates import Encoded
 from tunelab.preference_losses import kto_kl_estimate, kto_loss
 from tunelab.train.dpo import Reference, batch_logps, encode_completion, pack_sequences
-from tunelab.train.loop import LoopContext, Method
+from tunelab.train.loop import LoopContext, Method, autocast
 
 
 @dataclass
@@ -90,7 +90,8 @@ class KTO(Method):
             for j in range(0, len(items), bs):
                 chunk = items[j : j + bs]
                 batch = {k: v.to(ctx.accelerator.device) for k, v in self.collate_no_ref(chunk).items()}
-                sums, _, _ = batch_logps(ctx.model, batch)
+                with autocast(ctx):  # the same precision the training forward will use
+                    sums, _, _ = batch_logps(ctx.model, batch)
                 for k, it in enumerate(chunk):
                     it.ref, it.ref_kl = float(sums[k]), float(sums[len(chunk) + k])
         ctx.model.train(was_training)
