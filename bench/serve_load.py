@@ -53,7 +53,7 @@ async def load(url: str, names: list[str], requests: int, concurrency: int, max_
         print("failure:", f)
     return {"requests": requests, "failed": len(failures), "wall_s": wall, "req_per_s": len(latencies) / wall,
             "p50_s": percentile(latencies, 0.5), "p95_s": percentile(latencies, 0.95), "tokens_per_s": tokens / wall,
-            "mean_batch": health["rows"] / max(health["batches"], 1)}
+            "joined_mid_batch": health["joined"], "peak_rows": health["peak_running"]}
 
 
 def main() -> None:

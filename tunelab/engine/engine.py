@@ -104,7 +104,7 @@ class Engine:
         self._stopping = False  # the worker saw the close sentinel
         self._batch_on_peft = False  # whether the running batch's forward goes through the PEFT model
         self.stats = {"batches": 0, "tokens": 0, "rows": 0, "joined": 0, "adapter_loads": 0,
-                      "adapter_evictions": 0, "running": 0}
+                      "adapter_evictions": 0, "running": 0, "peak_running": 0}
         self.load_seconds: dict[str, float] = {}
         if self._adapters_dir is not None:
             if self._adapters_dir.exists() and not self._adapters_dir.is_dir():
@@ -312,6 +312,7 @@ class Engine:
                     if not batch:
                         continue
                     self.stats["running"] = len(batch)
+                    self.stats["peak_running"] = max(self.stats["peak_running"], len(batch))
                     self._batch_on_peft = self._peft is not None
                     self.stats["batches"] += 1  # counted before running: clients may read stats on their reply
                     self.stats["rows"] += len(batch)
@@ -374,6 +375,7 @@ class Engine:
         self.stats["rows"] += len(joiners)
         self.stats["joined"] += len(joiners)
         self.stats["running"] = len(running) + len(joiners)
+        self.stats["peak_running"] = max(self.stats["peak_running"], self.stats["running"])
         return joiners
 
     def _select(self, running: list[Sequence] | None = None, adapters_ok: bool = True) -> list[Sequence]:
