@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from tunelab.jobs import hyper
+from tunelab.jobs.harvest import Cursor, read_metrics, result_csv
 from tunelab.jobs.service import check_jsonl, model_owner, safe_filename
 from tunelab.jobs.store import Store, jobs, new_id
-from tunelab.jobs.workers import result_csv
 from tunelab.server.errors import APIError
 
 
@@ -132,3 +132,39 @@ def test_the_jobs_server_side_imports_no_torch() -> None:
             "print('torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.split() == ["False", "False"]
+
+
+def _lines(*rows: dict[str, object]) -> str:
+    import json
+
+    return "".join(json.dumps(r) + "\n" for r in rows)
+
+
+def test_read_metrics_is_incremental_merges_validation_and_skips_repeated_steps(tmp_path: Path) -> None:
+    m = tmp_path / "metrics.jsonl"
+    kw = dict(total=4, has_valid=True, eval_every=2)
+    m.write_text(_lines({"step": 0, "baseline": True, "valid_loss": 3.0},
+                        {"step": 1, "train_loss": 2.5, "train_token_acc": 0.1},
+                        {"step": 2, "train_loss": 2.0, "train_token_acc": 0.2}) + '{"step": 2, "valid_lo')
+    events, cur = read_metrics(m, Cursor(), final=False, **kw)  # type: ignore[arg-type]
+    # step 2 is an evaluation step: its event waits for the validation line (still half written)
+    assert [e.message for e in events] == ["Baseline (before training): validation loss=3.0000",
+                                           "Step 1/4: training loss=2.5000"]
+    assert (cur.last_train, cur.last_valid) == (1, 0)
+    with m.open("a") as f:
+        f.write('ss": 2.2, "valid_token_acc": 0.3}\n')
+    events, cur = read_metrics(m, cur, final=False, **kw)  # type: ignore[arg-type]
+    assert [e.message for e in events] == ["Step 2/4: training loss=2.0000, validation loss=2.2000"]
+    assert events[0].type == "metrics" and events[0].data is not None
+    assert events[0].data["valid_loss"] == 2.2 and events[0].data["train_mean_token_accuracy"] == 0.2
+    assert cur.offset == m.stat().st_size
+    # killed at step 4 before its validation, resumed from the step-2 checkpoint: 3 and 4 are logged again
+    with m.open("a") as f:
+        f.write(_lines({"step": 3, "train_loss": 1.8}, {"step": 4, "train_loss": 1.7},
+                       {"step": 3, "train_loss": 1.81}, {"step": 4, "train_loss": 1.69},
+                       {"step": 4, "valid_loss": 1.9}))
+    events, cur = read_metrics(m, cur, final=False, **kw)  # type: ignore[arg-type]
+    assert [e.message for e in events] == ["Step 3/4: training loss=1.8000", "Step 4/4: training loss=1.7000",
+                                           "Step 4/4: validation loss=1.9000"]
+    assert (cur.last_train, cur.last_valid, cur.offset) == (4, 4, m.stat().st_size)
+    assert read_metrics(m, cur, final=True, **kw) == ([], cur)  # type: ignore[arg-type]

@@ -3,7 +3,8 @@
   store.py    durable state (SQLAlchemy: SQLite by default, any SQLAlchemy URL such as PostgreSQL)
   hyper.py    request -> RunConfig: "auto" hyperparameters (OpenAI's rules) and tunelab's own options
   service.py  the API's behaviour over the store (objects, ownership, pagination, state changes)
-  workers.py  validation and training in child processes, event/checkpoint harvesting, restart recovery
+  workers.py  validation and training in child processes, cancel/pause, restart recovery
+  harvest.py  what a child writes -> events, checkpoint metrics, the result CSV (pure functions)
   child.py    the child process entry (`python -m tunelab.jobs.child`): the only place torch is imported
   routes.py   thin FastAPI routers; app.py builds the served app; cli.py the commands.
 

@@ -14,11 +14,8 @@ checkpoints are registered with the engine again. Events, files and models all l
 
 from __future__ import annotations
 
-import csv
-import io
 import json
 import logging
-import math
 import os
 import shutil
 import signal
@@ -34,6 +31,7 @@ import yaml
 from sqlalchemy.engine import RowMapping
 
 from tunelab.jobs import hyper
+from tunelab.jobs.harvest import Cursor, checkpoint_metrics, read_metrics, result_csv
 from tunelab.jobs.service import JobsService
 from tunelab.jobs.store import checkpoints, jobs, new_id, now
 
@@ -416,7 +414,7 @@ class WorkerPool:
         name = self.service.model_name(row)
         adapter = jdir / "run" / "adapter"
         step = int(result.get("step") or row["step"])
-        metrics = _ckpt_metrics(run.metrics_by_step, step)
+        metrics = checkpoint_metrics(run.metrics_by_step, step)
         self._add_checkpoint(row, step, adapter, metrics)
         csv_bytes = result_csv(jdir / "run" / "metrics.jsonl")
         result_id = self.service.add_result_file(row["owner"], "step_metrics.csv", csv_bytes)
@@ -440,85 +438,24 @@ class WorkerPool:
         self._harvest_checkpoints(run, self.store.get(jobs, run.job_id) or row)
 
     def _harvest_metrics(self, run: _Running, row: RowMapping, path: Path, cfg: dict[str, Any], final: bool) -> None:
-        offset, last_train, last_valid = row["metrics_offset"], row["last_train_step"], row["last_valid_step"]
         total = row["total_steps"] or 0
-        with path.open("rb") as f:
-            f.seek(offset)
-            blob = f.read()
-        # Only whole lines; a train row at an evaluation step waits for its validation row (merged into one
-        # metrics event, as OpenAI's carry train and valid loss together).
-        lines: list[tuple[int, dict[str, Any]]] = []
-        pos = 0
-        while True:
-            nl = blob.find(b"\n", pos)
-            if nl < 0:
-                break
-            try:
-                lines.append((offset + nl + 1, json.loads(blob[pos:nl])))
-            except json.JSONDecodeError:
-                pass
-            pos = nl + 1
-        has_valid = bool(cfg["data"].get("validation"))
-        eval_every = cfg["train"].get("eval_every")
-        new_events: list[tuple[str, str, dict[str, Any] | None]] = []
-        consumed = offset
-        i = 0
-        while i < len(lines):
-            end, m = lines[i]
-            step = int(m.get("step", 0))
-            if "warning" in m:
-                new_events.append(("warn", m["warning"], None))
-            elif m.get("baseline"):
-                if step > last_valid:
-                    last_valid = step
-                    vl = m.get("valid_loss")
-                    new_events.append(("info", f"Baseline (before training): validation loss={vl:.4f}", None))
-            elif "train_loss" in m:
-                wants_valid = has_valid and (step == total or bool(eval_every and step % eval_every == 0))
-                valid_row = None
-                if wants_valid:
-                    nxt = lines[i + 1][1] if i + 1 < len(lines) else None
-                    if nxt is not None and nxt.get("step") == step and "valid_loss" in nxt:
-                        valid_row = nxt
-                        end = lines[i + 1][0]
-                        i += 1
-                    elif not final:
-                        break  # wait for the validation row
-                if step > last_train:
-                    last_train = step
-                    data = {"step": step, "total_steps": total, "train_loss": m["train_loss"],
-                            "train_mean_token_accuracy": m.get("train_token_acc"), "learning_rate": m.get("lr"),
-                            "tokens_seen": m.get("tokens_seen")}
-                    msg = f"Step {step}/{total}: training loss={m['train_loss']:.4f}"
-                    if valid_row is not None:
-                        last_valid = step
-                        data.update(valid_loss=valid_row["valid_loss"],
-                                    valid_mean_token_accuracy=valid_row.get("valid_token_acc"),
-                                    full_valid_loss=valid_row["valid_loss"],
-                                    full_valid_mean_token_accuracy=valid_row.get("valid_token_acc"))
-                        msg += f", validation loss={valid_row['valid_loss']:.4f}"
-                    run.metrics_by_step[step] = data
-                    new_events.append(("metrics", msg, data))
-            elif "valid_loss" in m and step > last_valid:
-                last_valid = step
-                data = {"step": step, "total_steps": total, "valid_loss": m["valid_loss"],
-                        "valid_mean_token_accuracy": m.get("valid_token_acc")}
-                run.metrics_by_step.setdefault(step, {}).update(data)
-                new_events.append(("metrics", f"Step {step}/{total}: validation loss={m['valid_loss']:.4f}", data))
-            consumed = end
-            i += 1
-        if consumed == offset and not new_events:
+        cursor = Cursor(row["metrics_offset"], row["last_train_step"], row["last_valid_step"])
+        new_events, after = read_metrics(path, cursor, total=total, has_valid=bool(cfg["data"].get("validation")),
+                                         eval_every=cfg["train"].get("eval_every"), final=final)
+        if after == cursor and not new_events:
             return
-        values: dict[str, Any] = {"metrics_offset": consumed, "last_train_step": last_train,
-                                  "last_valid_step": last_valid, "step": max(row["step"], last_train)}
-        done_now = last_train - run.start_step
+        for ev in new_events:
+            if ev.type == "metrics" and ev.data is not None:
+                run.metrics_by_step.setdefault(int(ev.data["step"]), {}).update(ev.data)
+        values: dict[str, Any] = {"metrics_offset": after.offset, "last_train_step": after.last_train,
+                                  "last_valid_step": after.last_valid, "step": max(row["step"], after.last_train)}
+        done_now = after.last_train - run.start_step
         if done_now > 0 and total:
             rate = (time.time() - run.started) / done_now
-            values["estimated_finish"] = int(time.time() + rate * max(0, total - last_train))
+            values["estimated_finish"] = int(time.time() + rate * max(0, total - after.last_train))
         with self.store.write() as c:
-            for kind, msg, payload in new_events:
-                self.store.add_event(run.job_id, msg, level="warn" if kind == "warn" else "info",
-                                     type="metrics" if kind == "metrics" else "message", data=payload, conn=c)
+            for ev in new_events:
+                self.store.add_event(run.job_id, ev.message, level=ev.level, type=ev.type, data=ev.data, conn=c)
             c.execute(jobs.update().where(jobs.c.id == run.job_id).values(**values))
 
     def _harvest_checkpoints(self, run: _Running, row: RowMapping) -> None:
@@ -542,7 +479,7 @@ class WorkerPool:
             if dest.exists():
                 shutil.rmtree(dest)
             os.replace(tmp, dest)
-            self._add_checkpoint(row, step, dest, _ckpt_metrics(run.metrics_by_step, step))
+            self._add_checkpoint(row, step, dest, checkpoint_metrics(run.metrics_by_step, step))
 
     def _add_checkpoint(self, row: RowMapping, step: int, path: Path, metrics: dict[str, Any]) -> None:
         name = f"{self.service.model_name(row)}:ckpt-step-{step}"
@@ -551,45 +488,6 @@ class WorkerPool:
                                                   step_number=step, model_name=name, metrics=metrics, path=str(path)))
             self.store.add_event(row["id"], f"Checkpoint created at step {step}: {name}", conn=c)
         self._serve(name, str(path), row)
-
-
-def _ckpt_metrics(by_step: dict[int, dict[str, Any]], step: int) -> dict[str, Any]:
-    keys = ("train_loss", "train_mean_token_accuracy", "valid_loss", "valid_mean_token_accuracy",
-            "full_valid_loss", "full_valid_mean_token_accuracy")
-    m = by_step.get(step, {})
-    return {"step": float(step), **{k: m.get(k) for k in keys}}
-
-
-def result_csv(metrics_path: Path) -> bytes:
-    """OpenAI's result file columns: step,train_loss,train_accuracy,valid_loss,valid_mean_token_accuracy."""
-    rows: dict[int, dict[str, Any]] = {}
-    if metrics_path.exists():
-        for line in metrics_path.read_text(encoding="utf-8").splitlines():
-            try:
-                m = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            step = int(m.get("step", 0))
-            if m.get("baseline") or step == 0 or "warning" in m:
-                continue
-            r = rows.setdefault(step, {})  # a resumed run repeats steps: the later line wins
-            if "train_loss" in m:
-                r.update(train_loss=m["train_loss"], train_accuracy=m.get("train_token_acc"))
-            if "valid_loss" in m:
-                r.update(valid_loss=m["valid_loss"], valid_mean_token_accuracy=m.get("valid_token_acc"))
-    out = io.StringIO()
-    cols = ["step", "train_loss", "train_accuracy", "valid_loss", "valid_mean_token_accuracy"]
-    w = csv.writer(out)
-    w.writerow(cols)
-    for step in sorted(rows):
-        w.writerow([step, *(_fmt(rows[step].get(c)) for c in cols[1:])])
-    return out.getvalue().encode()
-
-
-def _fmt(v: Any) -> str:
-    if v is None or (isinstance(v, float) and math.isnan(v)):
-        return ""
-    return f"{v:.6g}" if isinstance(v, float) else str(v)
 
 
 def _wait_quietly(proc: subprocess.Popen[bytes], seconds: float) -> bool:
