@@ -13,6 +13,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
+from tunelab.data.toolkit.pipeline import PipelineConfig
 from tunelab.errors import ConfigError
 
 
@@ -69,6 +70,8 @@ class DataConfig(_Strict):
     system_prompt: str | None = None
     """Prepended to every conversation that has no system message."""
     mix: DataMix | None = None
+    pipeline: PipelineConfig | None = None
+    """Data toolkit steps (dedup, scrub, filter, contamination) run by `tunelab data pipeline CONFIG`."""
     check_contamination: bool = True
     """Warn when validation/test examples overlap training ones (exact, n-gram or MinHash near-duplicates)."""
 

@@ -55,3 +55,11 @@ def test_config_is_frozen(tmp_path: Path) -> None:
     cfg = load_config(p)
     with pytest.raises(ValidationError):
         cfg.train.lr = 1.0  # type: ignore[misc]
+
+
+def test_data_pipeline_section_in_a_training_config(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  train: clean.jsonl\n  pipeline:\n    input: raw.jsonl\n    output: clean.jsonl\n"
+                 "    steps:\n      - dedup: {threshold: 0.8}\n      - scrub: {}\n")
+    cfg = load_config(p)
+    assert cfg.data.pipeline is not None and [next(iter(s)) for s in cfg.data.pipeline.steps] == ["dedup", "scrub"]
