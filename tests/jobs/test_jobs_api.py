@@ -193,6 +193,9 @@ def test_cancel_running_job_stops_it_at_once(server: Server, guide_job: dict[str
     client = server.client()
     job_id = _long_job(client, guide_job["train"], steps=5000, save_every=1000)
     wait_for(lambda: _metric_steps(client, job_id), timeout=120, what="training to start")
+    running = client.fine_tuning.jobs.retrieve(job_id)
+    assert running.status == "running" and running.estimated_finish and running.estimated_finish >= running.created_at
+    assert running.trained_tokens is None  # as OpenAI: only once the job has finished
     job = client.fine_tuning.jobs.cancel(job_id)
     assert job.status == "cancelled" and job.finished_at
     steps_then = len(_metric_steps(client, job_id))
