@@ -168,3 +168,19 @@ def test_read_metrics_is_incremental_merges_validation_and_skips_repeated_steps(
                                            "Step 4/4: validation loss=1.9000"]
     assert (cur.last_train, cur.last_valid, cur.offset) == (4, 4, m.stat().st_size)
     assert read_metrics(m, cur, final=True, **kw) == ([], cur)  # type: ignore[arg-type]
+
+
+def test_schema_and_paging_query_compile_for_postgresql() -> None:
+    """No PostgreSQL server here: check at least that the schema and the queries are portable SQL."""
+    from sqlalchemy import select
+    from sqlalchemy.dialects import postgresql
+    from sqlalchemy.schema import CreateIndex, CreateTable
+
+    from tunelab.jobs.store import metadata
+
+    dialect = postgresql.dialect()
+    ddl = [str(CreateTable(t).compile(dialect=dialect)) for t in metadata.sorted_tables]
+    ddl += [str(CreateIndex(i).compile(dialect=dialect)) for t in metadata.sorted_tables for i in t.indexes]
+    assert any("CREATE TABLE jobs" in d and "JSON" in d and "BOOLEAN" in d for d in ddl)
+    q = select(jobs).where(jobs.c.owner == "a", jobs.c.seq < 5).order_by(jobs.c.seq.desc()).limit(21)
+    assert "ORDER BY jobs.seq DESC" in str(q.compile(dialect=dialect))
