@@ -231,3 +231,15 @@ def test_load_api_keys_file(tmp_path: Path) -> None:
         load_api_keys([], f)
     with pytest.raises(ConfigError, match="cannot read"):
         load_api_keys([], tmp_path / "missing.txt")
+
+
+def test_stream_with_n_choices_keeps_each_choice_apart(client: TestClient) -> None:
+    r = client.post("/v1/chat/completions", json={
+        "model": "fake-b", "messages": [{"role": "user", "content": "x y"}], "stream": True, "n": 2, "max_tokens": 4,
+    })
+    chunks = [json.loads(e) for e in sse_events(r.text)[:-1]]
+    for index in (0, 1):
+        mine = [c["choices"][0] for c in chunks if c["choices"][0]["index"] == index]
+        assert mine[0]["delta"] == {"role": "assistant", "content": ""}
+        assert "".join(c["delta"].get("content") or "" for c in mine) == " echo from fake-b: x"
+        assert [c["finish_reason"] for c in mine if c["finish_reason"]] == ["length"]
