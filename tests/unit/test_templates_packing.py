@@ -87,3 +87,20 @@ def test_packing_has_no_cross_example_attention(tok: Any, model: Any) -> None:
         alone = forward_kept_logits(model, pack([b]))
         after_a = forward_kept_logits(model, pack([a, b]))[-alone.shape[0]:]
     assert torch.allclose(alone, after_a, atol=1e-5)
+
+
+def test_row_packing_matches_padded_loss_and_bins_examples(tok: Any, model: Any) -> None:
+    from tunelab.data.packing import pack_rows
+
+    items = _items(tok, 7)
+    items[2] = encode(tok, Conversation((Message("user", "long " * 20), Message("assistant", "answer " * 10))))
+    rows, padded = pack_rows(items, tok.pad_token_id), pad(items, tok.pad_token_id)
+    longest = max(len(it.input_ids) for it in items)
+    assert rows["input_ids"].shape[1] <= longest and rows["input_ids"].shape[0] < len(items)
+    assert int(rows["num_tokens"]) == sum(len(it.input_ids) for it in items)
+    assert sorted(rows["targets"].tolist()) == sorted(padded["targets"].tolist())
+    n = padded["targets"].numel()
+    with torch.no_grad():
+        lr, _ = sft_loss(forward_kept_logits(model, rows), rows["targets"], n)
+        lq, _ = sft_loss(forward_kept_logits(model, padded), padded["targets"], n)
+    assert abs(lr.item() - lq.item()) < 1e-4

@@ -38,6 +38,48 @@ def pack(items: list[Encoded]) -> dict[str, torch.Tensor]:
     }
 
 
+def pack_rows(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """Padding-free packing into several rows, each no longer than the micro-batch's longest example.
+
+    One long row would make attention cost grow with the square of the whole micro-batch; rows capped at the
+    longest example keep it at what a padded batch pays, while first-fit-decreasing bin packing leaves almost
+    no padding. A row's unused tail gets positions of its own (a separate segment nothing attends to) and is
+    never trained. The LM head runs on the union of trained columns (`keep`); `sel` picks each row's targets.
+    """
+    cap = max(len(it.input_ids) for it in items)
+    rows: list[list[Encoded]] = []
+    room: list[int] = []
+    for it in sorted(items, key=lambda x: -len(x.input_ids)):
+        n = len(it.input_ids)
+        j = next((k for k, r in enumerate(room) if r >= n), None)
+        if j is None:
+            rows.append([it])
+            room.append(cap - n)
+        else:
+            rows[j].append(it)
+            room[j] -= n
+    width = cap - min(room)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    tgt = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    real = 0
+    for i, row in enumerate(rows):
+        at = 0
+        for it in row:
+            n = len(it.input_ids)
+            ids[i, at : at + n] = torch.tensor(it.input_ids)
+            pos[i, at : at + n] = torch.arange(n)
+            tgt[i, at : at + n] = torch.tensor(_shifted(it.labels))
+            at += n
+        real += at
+        pos[i, at:] = torch.arange(width - at)
+    keep = (tgt != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
+    flat = tgt[:, keep].reshape(-1)
+    sel = (flat != IGNORE_INDEX).nonzero().squeeze(-1)
+    return {"input_ids": ids, "position_ids": pos, "keep": keep, "sel": sel, "targets": flat[sel],
+            "num_tokens": torch.tensor(real)}
+
+
 def pad(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
     width = max(len(it.input_ids) for it in items)
     ids = torch.full((len(items), width), pad_id, dtype=torch.long)

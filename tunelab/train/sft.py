@@ -10,7 +10,7 @@ from typing import Any
 
 import torch
 
-from tunelab.data.packing import pack, pad
+from tunelab.data.packing import pack_rows, pad
 from tunelab.data.records import Conversation
 from tunelab.data.templates import Encoded, encode
 from tunelab.losses import sft_loss
@@ -19,9 +19,11 @@ from tunelab.train.loop import Method
 
 def forward_kept_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits (N, V) at the kept positions of a packed or padded batch, in `targets` order."""
-    if "position_ids" in batch:  # packed: one row, per-example positions, no attention mask
+    if "position_ids" in batch:  # packed: per-example positions, no attention mask
         out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=batch["keep"],
                     use_cache=False)
+        if "sel" in batch:  # several rows: the kept columns are a union; pick each row's own targets
+            return out.logits.reshape(-1, out.logits.shape[-1])[batch["sel"]]
         return out.logits[0]
     out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
     return out.logits.reshape(-1, out.logits.shape[-1])[batch["keep_flat"]]
@@ -38,7 +40,8 @@ class SFT(Method):
         return enc if enc.num_trained > 0 else None
 
     def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
-        return pack(items) if self.cfg.data.packing else pad(items, int(self.tokenizer.pad_token_id))
+        pad_id = int(self.tokenizer.pad_token_id)
+        return pack_rows(items, pad_id) if self.cfg.data.packing else pad(items, pad_id)
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["targets"].numel())
