@@ -15,12 +15,9 @@ import torch
 from tunelab.config import config_from_dict
 from tunelab.data.readers import read_preferences
 from tunelab.train import run as run_mod
-from tunelab.train.cli_pref import register_methods
 from tunelab.train.pref_data import resource
 from tunelab.train.run import train
 from tunelab.train.tracking import read_metrics
-
-register_methods()
 
 
 def subset(src: Path, dst: Path, n: int) -> Path:

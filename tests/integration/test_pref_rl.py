@@ -20,12 +20,10 @@ from tunelab.config import config_from_dict
 from tunelab.data.records import Message
 from tunelab.data.templates import encode_prompt
 from tunelab.model.adapters import load_for_inference
-from tunelab.train.cli_pref import register_methods
 from tunelab.train.grpo import json_valid, sample
 from tunelab.train.run import train
 from tunelab.train.tracking import read_metrics
 
-register_methods()
 N_PROMPTS = 24
 
 

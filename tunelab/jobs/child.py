@@ -36,16 +36,10 @@ def _write_json(path: Path, obj: dict[str, Any]) -> None:
     os.replace(tmp, path)
 
 
-def _register_methods() -> set[str]:
-    """Method names `tunelab train` knows, with the preference methods when their module is present."""
+def _known_methods() -> set[str]:
+    """Method names `tunelab train` knows."""
     from tunelab.train.run import METHODS
 
-    try:
-        from tunelab.train.cli_pref import register_methods
-
-        register_methods()
-    except ImportError:
-        pass
     return set(METHODS)
 
 
@@ -89,7 +83,7 @@ def validate(job_dir: Path) -> dict[str, Any]:
 
     spec = json.loads((job_dir / "spec.json").read_text())
     cfg = load_config(job_dir / "probe.yaml")
-    if cfg.method != "sft" and cfg.method not in _register_methods():
+    if cfg.method != "sft" and cfg.method not in _known_methods():
         return {"ok": False, "code": "unsupported_method", "param": "method.type",
                 "message": f"method {cfg.method!r} is not supported by this server yet"}
     expect = "preference" if cfg.method in ("dpo", "orpo", "simpo") else None
@@ -121,7 +115,6 @@ def train_job(job_dir: Path) -> dict[str, Any]:
     from tunelab.config import load_config
     from tunelab.train.run import train
 
-    _register_methods()
     cfg = load_config(job_dir / "config.yaml")
     result = train(cfg, resume=True, console=None, show_progress=False)
     return {"ok": True, "tokens_seen": result.state.tokens_seen, "step": result.state.step,
@@ -148,8 +141,6 @@ def _preload(mode: str) -> None:
 
         import tunelab.train.run  # noqa: F401
         import tunelab.train.sft  # noqa: F401
-
-        _register_methods()
 
 
 def _redirect_output(log: Path) -> None:

@@ -10,23 +10,6 @@ from typing import Annotated, Any
 
 import typer
 
-PREF_METHODS: dict[str, str] = {
-    "reward": "tunelab.train.reward:Reward",
-    "dpo": "tunelab.train.dpo:DPO",
-    "orpo": "tunelab.train.orpo:ORPO",
-    "simpo": "tunelab.train.simpo:SimPO",
-    "kto": "tunelab.train.kto:KTO",
-    "ppo": "tunelab.train.ppo:PPO",
-    "grpo": "tunelab.train.grpo:GRPO",
-}
-
-
-def register_methods() -> None:
-    from tunelab.train.run import METHODS
-
-    for k, v in PREF_METHODS.items():
-        METHODS.setdefault(k, v)
-
 
 def reward_score(
     run: Annotated[Path, typer.Argument(help="a run folder trained with `method: reward`")],
@@ -64,7 +47,6 @@ def reward_score(
 
 
 def register(app: Any, data_app: Any) -> None:
-    register_methods()
     reward_app = typer.Typer(no_args_is_help=True, help="Reward models: score responses.")
     reward_app.command("score")(reward_score)
     app.add_typer(reward_app, name="reward")

@@ -38,6 +38,13 @@ from tunelab.train.tracking import Tracker, plot_loss
 # method name -> "module:Class". Each method is one readable file over the shared loop.
 METHODS: dict[str, str] = {
     "sft": "tunelab.train.sft:SFT",
+    "reward": "tunelab.train.reward:Reward",
+    "dpo": "tunelab.train.dpo:DPO",
+    "orpo": "tunelab.train.orpo:ORPO",
+    "simpo": "tunelab.train.simpo:SimPO",
+    "kto": "tunelab.train.kto:KTO",
+    "ppo": "tunelab.train.ppo:PPO",
+    "grpo": "tunelab.train.grpo:GRPO",
 }
 
 
