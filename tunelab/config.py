@@ -15,6 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tunelab.data.toolkit.pipeline import PipelineConfig
 from tunelab.errors import ConfigError
+from tunelab.eval.config import EvalConfig
 
 
 class _Strict(BaseModel):
@@ -99,11 +100,6 @@ class TrainConfig(_Strict):
     keep_checkpoints: int = Field(2, ge=1)
     early_stopping: bool = False
     patience: int = Field(3, ge=1)
-
-
-class EvalSection(_Strict):
-    baseline: bool = True
-    """Evaluate the base model on the validation set before the first step."""
 
 
 # --- Preference and RL methods: one section per method, read only when `method` selects it. -------------
@@ -239,7 +235,8 @@ class RunConfig(_Strict):
     lora: LoraConfig = LoraConfig()
     data: DataConfig
     train: TrainConfig = TrainConfig()
-    eval: EvalSection = EvalSection()
+    eval: EvalConfig = EvalConfig()
+    """`baseline` (validation loss of the base model before step 1) is read by training; the rest by `tunelab eval`."""
     output_dir: str = "runs/run"
     track: list[Literal["tensorboard", "mlflow"]] = []
     mlflow_uri: str | None = None

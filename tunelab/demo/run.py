@@ -5,7 +5,8 @@
 2. On the held-out test split (templates and vocabulary training never saw), compare the base model
    *prompted with format instructions* against the fine-tuned model *without* them: JSON validity,
    schema conformance, field accuracy. Greedy decoding, fixed settings, recorded with the results.
-3. Write the results JSON and the HTML report into the run folder.
+3. Write the results JSON and the self-contained HTML report (loss curves, baseline, best step) into the
+   run folder.
 """
 
 from __future__ import annotations
@@ -112,4 +113,7 @@ def run_demo(out: Path, steps: int | None = None, limit: int | None = None, cons
     (run_dir / "eval" / "demo.json").write_text(json.dumps(res, indent=1))
     print_table(res, console)
     console.print(f"results: {run_dir / 'eval' / 'demo.json'}")
+    from tunelab.eval.report import write_report
+
+    console.print(f"report: {write_report(run_dir)}")
     return res
