@@ -263,18 +263,24 @@ def test_register_and_unregister_while_running(engine: Engine, tiny_adapters: Pa
 
 def test_requests_join_a_running_batch_and_match_alone(engine: Engine) -> None:
     jobs = [("alpha", "hello there"), ("beta", "abc"), ("tiny", "zz top"), ("beta", "the quick brown fox")]
-    alone = [asyncio.run(run(engine, m, p, max_tokens=12))[1] for m, p in jobs]
+    # The first request is long so the others are sure to arrive while its batch is decoding.
+    lengths = [48, 12, 12, 12]
+    alone = [asyncio.run(run(engine, m, p, max_tokens=n))[1] for (m, p), n in zip(jobs, lengths, strict=True)]
 
     async def staggered() -> list[list[int]]:
-        first = asyncio.ensure_future(run(engine, *jobs[0], max_tokens=12))
-        await asyncio.sleep(0.05)  # the first batch is running when the others arrive
+        started = engine.stats["batches"]
+        first = asyncio.ensure_future(run(engine, *jobs[0], max_tokens=lengths[0]))
+        for _ in range(2000):  # wait (not a fixed sleep: machine load varies) until its batch has started
+            if engine.stats["batches"] > started:
+                break
+            await asyncio.sleep(0.005)
         rest = await asyncio.gather(*(run(engine, m, p, max_tokens=12) for m, p in jobs[1:]))
         return [(await first)[1], *(r[1] for r in rest)]
 
     before = dict(engine.stats)
     got = asyncio.run(staggered())
     assert got == alone
-    assert engine.stats["joined"] - before["joined"] >= 1  # at least one joined mid-batch
+    assert engine.stats["joined"] - before["joined"] >= 1, (before, dict(engine.stats))  # at least one joined mid-batch
 
 
 def test_base_only_batch_admits_only_base_until_an_adapter_is_loaded(lora_base_dir: Path, tiny_adapters: Path) -> None:
