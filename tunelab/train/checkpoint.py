@@ -21,7 +21,12 @@ CKPT_RE = re.compile(r"^step-(\d+)$")
 def save_weights(model: Any, out: Path, tokenizer: Any | None = None) -> None:
     """PEFT models save adapter_config.json + adapter_model.safetensors; full models a whole HF folder."""
     out.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(out, safe_serialization=True)
+    if hasattr(model, "peft_config"):
+        # "auto" would look the base's config up on the hub to see whether the vocabulary changed: never
+        # reach the network while saving (tunelab does not resize embeddings).
+        model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
+    else:
+        model.save_pretrained(out, safe_serialization=True)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
 
