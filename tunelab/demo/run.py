@@ -93,10 +93,11 @@ def print_table(res: dict[str, Any], console: Any) -> None:
         b, f = res["base_with_instructions"][key], res["finetuned_without_instructions"][key]
         t.add_row(label, f"{100 * b:.1f}%", f"[bold]{100 * f:.1f}%[/bold]")
     console.print(t)
+    from rich.markup import escape
+
     s = res["samples"][0]
-    console.print("[dim]sample note:[/dim] " + s["note"], markup=False)
-    console.print("[dim]base:[/dim] " + s["base"][:300], markup=False)
-    console.print("[dim]fine-tuned:[/dim] " + s["finetuned"][:300], markup=False)
+    for label, text in (("sample note", s["note"]), ("base", s["base"][:300]), ("fine-tuned", s["finetuned"][:300])):
+        console.print(f"[dim]{label}:[/dim] {escape(text)}")
 
 
 def run_demo(out: Path, steps: int | None = None, limit: int | None = None, console: Any = None) -> dict[str, Any]:
