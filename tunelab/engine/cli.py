@@ -49,14 +49,22 @@ def serve_command(
     max_request_bytes: int = typer.Option(1_000_000, help="Largest request body in bytes."),
     mixed_batching: bool = typer.Option(True, help="Batch requests for different adapters together."),
     log_level: str = typer.Option("warning", help="uvicorn log level."),
+    data_dir: Path | None = typer.Option(
+        None, "--data-dir", help="Also serve OpenAI's Files and Fine-tuning Jobs APIs; files, jobs and models live here."
+    ),
+    workers: int = typer.Option(1, "--workers", min=1, help="With --data-dir: jobs trained at once (a child process each)."),
+    database_url: str | None = typer.Option(None, "--database-url", help="With --data-dir: SQLAlchemy URL (default SQLite)."),
+    max_upload_bytes: int = typer.Option(512 * 1024 * 1024, help="With --data-dir: largest uploaded file."),
 ) -> None:
-    """Serve the base model and its adapters over an OpenAI-compatible API."""
+    """Serve the base model and its adapters over an OpenAI-compatible API (and, with --data-dir, fine-tuning jobs)."""
     from tunelab.engine.engine import Engine
     from tunelab.server import ServerSettings, create_app, load_api_keys
     from tunelab.server.run import serve
 
     adapters = dict(parse_adapter_option(a) for a in adapter)
     keys = load_api_keys(api_key, api_keys_file)
+    if data_dir is not None:  # the size guard reads whole bodies: uploads must fit under it (docs/jobs.md)
+        max_request_bytes = max(max_request_bytes, max_upload_bytes + 65536)
     settings = ServerSettings(api_keys=keys, max_tokens_limit=max_tokens_limit, max_n=max_n,
                               max_request_bytes=max_request_bytes)
     typer.echo(f"loading {model} ...")
@@ -65,11 +73,22 @@ def serve_command(
         merge=merge, served_model_name=served_model_name, max_loaded_adapters=max_loaded_adapters,
         max_batch_size=max_batch_size, mixed_batching=mixed_batching,
     )
-    app = create_app(engine, settings)
+    if data_dir is None:
+        app = create_app(engine, settings)
+    else:
+        from tunelab.jobs.app import build_jobs_app
+        from tunelab.jobs.service import JobsSettings
+
+        served = tuple(dict.fromkeys([engine.base_model_name, model]))
+        jobs = JobsSettings(data_dir=data_dir.resolve(), base_model=model, served_names=served,
+                            max_upload_bytes=max_upload_bytes, server_sets=[])
+        app = build_jobs_app(engine, settings, jobs, workers=workers, database=database_url)
 
     def announce(url: str) -> None:
         names = [m.id for m in engine.list_models()]
         typer.echo(f"serving on {url}")
+        if data_dir is not None:
+            typer.echo(f"fine-tuning jobs API on: {workers} worker(s), data in {data_dir.resolve()}")
         typer.echo(f"models: {', '.join(names)}")
         for path, why in engine.rejected.items():
             typer.echo(f"skipped {path}: {why}")
