@@ -148,3 +148,34 @@ def test_reward_model_saves_loads_and_scores(tmp_path: Path, tiny_dir: Path, cap
     with pytest.raises(SystemExit) as e:
         main(["reward", "score", str(tmp_path / "nope"), "--prompt", "x", "--response", "y"])
     assert e.value.code == 2
+
+
+@pytest.mark.parametrize("method", ["reward", "dpo"])
+def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, tiny_dir: Path, monkeypatch: Any, method: str) -> None:
+    """The reward head lives outside the adapter: it is checkpointed and restored with it."""
+    from safetensors.torch import load_file
+
+    from tunelab.train import loop as loop_mod
+
+    settings = {"data": {"validation": None}, "train": {"max_steps": 6, "save_every": 3}}
+    straight = train(make_cfg(tmp_path, tiny_dir, method, out="straight", **settings), show_progress=False)
+    cfg = make_cfg(tmp_path, tiny_dir, method, out="broken", **settings)
+    real = loop_mod.train_step
+
+    def crash(ctx: Any, mbs: Any) -> Any:
+        if ctx.state.step == 4:
+            raise KeyboardInterrupt
+        return real(ctx, mbs)
+
+    monkeypatch.setattr(loop_mod, "train_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg, show_progress=False)
+    monkeypatch.setattr(loop_mod, "train_step", real)
+    resumed = train(cfg, resume=True, show_progress=False)
+    a = load_file(str(straight.run_dir / "adapter" / "adapter_model.safetensors"))
+    b = load_file(str(resumed.run_dir / "adapter" / "adapter_model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    if method == "reward":
+        ha = load_file(str(straight.run_dir / "value_head.safetensors"))
+        hb = load_file(str(resumed.run_dir / "value_head.safetensors"))
+        assert all(torch.allclose(ha[k], hb[k], atol=1e-6) for k in ha)

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 
 CKPT_RE = re.compile(r"^step-(\d+)$")
+EXTRA_FILE = "method_state.safetensors"  # a method's own trainable tensors (reward/value heads)
 
 
 def save_weights(model: Any, out: Path, tokenizer: Any | None = None) -> None:
@@ -48,7 +49,7 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def write_checkpoint(
     run_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any, loop_state: dict[str, Any],
-    config_yaml: str, weights_name: str, keep: int,
+    config_yaml: str, weights_name: str, keep: int, extra: dict[str, torch.Tensor] | None = None,
 ) -> Path:
     ckpts = run_dir / "checkpoints"
     ckpts.mkdir(parents=True, exist_ok=True)
@@ -63,6 +64,10 @@ def write_checkpoint(
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(loop_state, indent=1))
     (tmp / "config.yaml").write_text(config_yaml)
+    if extra:
+        from safetensors.torch import save_file
+
+        save_file({k: v.detach().cpu().contiguous() for k, v in extra.items()}, str(tmp / EXTRA_FILE))
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)  # the commit point
@@ -95,6 +100,13 @@ def load_checkpoint(path: Path) -> tuple[dict[str, Any], Any, Any, dict[str, Any
     sch = torch.load(path / "scheduler.pt", weights_only=False)
     rng = torch.load(path / "rng.pt", weights_only=False)
     return state, opt, sch, rng
+
+
+def load_extra(path: Path) -> dict[str, torch.Tensor]:
+    from safetensors.torch import load_file
+
+    p = path / EXTRA_FILE
+    return load_file(str(p)) if p.exists() else {}
 
 
 def load_weights_into(model: Any, path: Path) -> None:

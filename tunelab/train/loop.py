@@ -63,6 +63,13 @@ class Method(ABC):
     def after_step(self, ctx: LoopContext) -> None:
         """Called after each optimizer step (e.g. AdaLoRA's rank reallocation)."""
 
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        """Trainable tensors outside the adapter/model weights (e.g. a reward head), saved in checkpoints."""
+        return {}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore what extra_state() saved (called on resume, after setup())."""
+
 
 @dataclass
 class LoopState:
@@ -248,7 +255,7 @@ def save_checkpoint(ctx: LoopContext) -> None:
     if ctx.is_main:
         ckpt.write_checkpoint(
             ctx.run_dir, ctx.state.step, ctx.unwrap(), ctx.optimizer, ctx.scheduler, asdict(ctx.state),
-            ctx.config_yaml, ctx.weights_name, ctx.cfg.train.keep_checkpoints,
+            ctx.config_yaml, ctx.weights_name, ctx.cfg.train.keep_checkpoints, extra=ctx.method.extra_state(),
         )
     acc.wait_for_everyone()
 

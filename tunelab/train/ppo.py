@@ -30,7 +30,7 @@ from tunelab.preference_losses import (
 from tunelab.train.dpo import Reference, unwrap
 from tunelab.train.grpo import PromptItem, Rollout, completion_forward, encode_prompt_item, sample
 from tunelab.train.loop import LoopContext, Method
-from tunelab.train.reward import RewardModel, ScalarHead, attach_head, save_head
+from tunelab.train.reward import HeadCheckpointMixin, RewardModel, ScalarHead, attach_head, save_head
 
 
 @dataclass
@@ -44,7 +44,7 @@ class Experience:
     uses: int = 0
 
 
-class PPO(Method):
+class PPO(HeadCheckpointMixin, Method):
     name = "ppo"
     expect = "conversation"
     head_name = "tunelab_value_head"

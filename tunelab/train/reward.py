@@ -72,6 +72,20 @@ def attach_head(ctx: LoopContext, name: str) -> ScalarHead:
     return head
 
 
+class HeadCheckpointMixin:
+    """For methods with a scalar head outside the adapter: the head goes into every checkpoint and comes back
+    on resume (the loop calls these; see Method.extra_state)."""
+
+    head: ScalarHead | None
+
+    def extra_state(self) -> dict[str, torch.Tensor]:
+        return {} if self.head is None else {f"head.{k}": v for k, v in self.head.state_dict().items()}
+
+    def load_extra_state(self, state: dict[str, torch.Tensor]) -> None:
+        if self.head is not None and state:
+            self.head.load_state_dict({k[len("head."):]: v for k, v in state.items() if k.startswith("head.")})
+
+
 def save_head(head: ScalarHead, path: Path) -> None:
     from safetensors.torch import save_file
 
@@ -100,7 +114,7 @@ def encode_full(tok: Any, conv: Conversation, max_len: int, system_prompt: str |
     return encode(tok, conv, train_on="all", max_len=max_len, system_prompt=system_prompt)
 
 
-class Reward(Method):
+class Reward(HeadCheckpointMixin, Method):
     name = "reward"
     expect = "preference"
     head_name = "tunelab_reward_head"

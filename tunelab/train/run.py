@@ -232,22 +232,24 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
                       weights_name="adapter" if cfg.uses_adapter else "model", config_yaml=config_yaml,
                       console=con, bf16=bf16)
     found = ckpt.list_checkpoints(run_dir) if resume else []
+    if not found and is_main:
+        (run_dir / "config.yaml").write_text(config_yaml)
+        write_manifest(run_dir, cfg, config_yaml)
+        tok.save_pretrained(run_dir / "tokenizer")
+        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+    ctx.tracker = Tracker(run_dir, list(cfg.track), cfg.model_dump(mode="json"), cfg.mlflow_uri, enabled=is_main)
+    # setup() first: a method may add modules and optimizer groups (reward/value heads) that the saved state has.
+    method.setup(ctx)
     if found:
         state, opt_sd, sch_sd, rng = ckpt.load_checkpoint(found[-1])
         ckpt.load_weights_into(ctx.unwrap(), found[-1] / ctx.weights_name)
+        method.load_extra_state(ckpt.load_extra(found[-1]))
         optimizer.load_state_dict(opt_sd)
         scheduler.load_state_dict(sch_sd)
         ckpt.set_rng_state(rng)
         ctx.state = LoopState(**state)
         if con is not None:
             con.print(f"resuming from {found[-1]} (step {ctx.state.step}/{total_steps})")
-    elif is_main:
-        (run_dir / "config.yaml").write_text(config_yaml)
-        write_manifest(run_dir, cfg, config_yaml)
-        tok.save_pretrained(run_dir / "tokenizer")
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
-    ctx.tracker = Tracker(run_dir, list(cfg.track), cfg.model_dump(mode="json"), cfg.mlflow_uri, enabled=is_main)
-    method.setup(ctx)
     try:
         with _progress(con, show_progress) as progress:
             run_loop(ctx, progress)
