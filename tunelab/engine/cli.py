@@ -63,10 +63,11 @@ def serve_command(
 
     adapters = dict(parse_adapter_option(a) for a in adapter)
     keys = load_api_keys(api_key, api_keys_file)
-    if data_dir is not None:  # the size guard reads whole bodies: uploads must fit under it (docs/jobs.md)
-        max_request_bytes = max(max_request_bytes, max_upload_bytes + 65536)
+    # File uploads bypass the in-memory body guard and stream to disk (multipart overhead on top of the file).
+    streamed = ("/v1/files",) if data_dir is not None else ()
     settings = ServerSettings(api_keys=keys, max_tokens_limit=max_tokens_limit, max_n=max_n,
-                              max_request_bytes=max_request_bytes)
+                              max_request_bytes=max_request_bytes, streamed_paths=streamed,
+                              max_streamed_bytes=max_upload_bytes + 65536)
     typer.echo(f"loading {model} ...")
     engine = Engine.from_pretrained(
         model, dtype=dtype, load_in_4bit=load_in_4bit, device=device, adapters=adapters, adapters_dir=adapters_dir,

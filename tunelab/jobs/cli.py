@@ -53,8 +53,9 @@ def serve_jobs_command(
 
     sets = parse_overrides(set_)
     keys = load_api_keys(api_key, api_keys_file)
-    # The server's request-size guard reads whole bodies; uploads must fit under it (see docs/jobs.md).
-    settings = ServerSettings(api_keys=keys, max_request_bytes=max(max_request_bytes, max_upload_bytes + 65536))
+    # Uploads bypass the server's in-memory body guard and stream to disk (multipart overhead on top of the file).
+    settings = ServerSettings(api_keys=keys, max_request_bytes=max_request_bytes, streamed_paths=("/v1/files",),
+                              max_streamed_bytes=max_upload_bytes + 65536)
     typer.echo(f"loading {model} ...")
     engine = Engine.from_pretrained(model, dtype=dtype, device=device, served_model_name=served_model_name,
                                     adapters=dict(parse_adapter_option(a) for a in adapter),

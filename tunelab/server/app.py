@@ -50,6 +50,9 @@ class LimitsMiddleware:
             return
         headers = dict(scope.get("headers") or [])
         declared = headers.get(b"content-length")
+        if scope["method"] == "POST" and scope.get("path") in settings.streamed_paths:
+            await self._streamed(scope, receive, send, declared, settings.max_streamed_bytes)
+            return
         if declared is not None and declared.isdigit() and int(declared) > limit:
             await _send_error(send, _too_large(limit))
             return
@@ -76,6 +79,26 @@ class LimitsMiddleware:
             return await receive()
 
         await self.app(scope, replay, send)
+
+
+    async def _streamed(self, scope: Scope, receive: Receive, send: Send, declared: bytes | None, limit: int) -> None:
+        """File uploads: refuse by Content-Length up front, otherwise let the route stream the body to disk,
+        counting as it goes; past the limit the route sees a disconnect and stores nothing."""
+        if declared is not None and declared.isdigit() and int(declared) > limit:
+            await _send_error(send, APIError(413, f"the upload exceeds this server's upload limit ({limit} bytes "
+                                                  "with multipart framing)", code="request_too_large"))
+            return
+        seen = 0
+
+        async def counted() -> Message:
+            nonlocal seen
+            message = await receive()
+            seen += len(message.get("body", b""))
+            if seen > limit:
+                return {"type": "http.disconnect"}
+            return message
+
+        await self.app(scope, counted, send)
 
 
 def _too_large(limit: int) -> APIError:

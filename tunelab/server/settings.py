@@ -21,6 +21,8 @@ class ServerSettings(BaseModel):
     default_max_tokens: int = Field(default=512, gt=0, description="max_tokens when a request gives none")
     max_n: int = Field(default=8, gt=0, description="largest n (choices per prompt)")
     max_prompts: int = Field(default=32, gt=0, description="largest number of prompts in one /v1/completions call")
+    streamed_paths: tuple[str, ...] = Field(default=(), description="POST paths whose bodies reach the route unbuffered")
+    max_streamed_bytes: int = Field(default=512 * 1024 * 1024, gt=0, description="size limit on those paths")
 
 
 def owner_for_key(key: str) -> str:
