@@ -9,7 +9,6 @@ from __future__ import annotations
 import importlib
 import os
 import sys
-from pathlib import Path
 
 import typer
 
@@ -81,10 +80,6 @@ def main(argv: list[str] | None = None) -> None:
             sys.exit(1)
         raise
     sys.exit(0)
-
-
-def file_arg(p: str) -> Path:
-    return Path(p)
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -125,20 +125,11 @@ class PairMethod(Method):
         else:
             self.ref = Reference(ctx.model)
 
-    @torch.no_grad()
     def precompute(self, ctx: LoopContext) -> None:
-        was_training = ctx.model.training
-        ctx.model.eval()
-        bs = ctx.cfg.train.batch_size
-        for items in (ctx.train_items, ctx.valid_items):
-            for j in range(0, len(items), bs):
-                chunk = items[j : j + bs]
-                batch = {k: v.to(ctx.accelerator.device) for k, v in self.collate_no_ref(chunk).items()}
-                with autocast(ctx):  # the same precision the training forward will use
-                    sums, _, _ = batch_logps(ctx.model, batch)
-                for k, it in enumerate(chunk):
-                    it.ref_chosen, it.ref_rejected = float(sums[k]), float(sums[len(chunk) + k])
-        ctx.model.train(was_training)
+        def keep(it: Any, first: float, second: float) -> None:
+            it.ref_chosen, it.ref_rejected = first, second
+
+        precompute_ref_logps(ctx, self.collate_no_ref, keep)
 
     def collate_no_ref(self, items: list[Any]) -> dict[str, torch.Tensor]:
         batch = pack_sequences([i.chosen for i in items] + [i.rejected for i in items])
@@ -220,3 +211,21 @@ def preference_accuracy(model: Any, tokenizer: Any, cfg: Any, prefs: list[Prefer
         b = len(chunk)
         correct += int((score[:b] > score[b:]).sum())
     return correct / max(len(items), 1)
+
+
+@torch.no_grad()
+def precompute_ref_logps(ctx: LoopContext, collate: Any, keep: Any) -> None:
+    """Reference log-probs of every train/validation item, once: `collate` builds a batch whose first half of
+    sequences pairs with its second half; `keep(item, first, second)` stores the two sums on the item."""
+    was_training = ctx.model.training
+    ctx.model.eval()
+    bs = ctx.cfg.train.batch_size
+    for items in (ctx.train_items, ctx.valid_items):
+        for j in range(0, len(items), bs):
+            chunk = items[j : j + bs]
+            batch = {k: v.to(ctx.accelerator.device) for k, v in collate(chunk).items()}
+            with autocast(ctx):  # the same precision the training forward will use
+                sums, _, _ = batch_logps(ctx.model, batch)
+            for k, it in enumerate(chunk):
+                keep(it, float(sums[k]), float(sums[len(chunk) + k]))
+    ctx.model.train(was_training)

@@ -17,8 +17,8 @@ import torch
 from tunelab.data.records import Conversation
 from tunelab.data.templates import Encoded
 from tunelab.preference_losses import kto_kl_estimate, kto_loss
-from tunelab.train.dpo import Reference, batch_logps, encode_completion, pack_sequences
-from tunelab.train.loop import LoopContext, Method, autocast
+from tunelab.train.dpo import Reference, batch_logps, encode_completion, pack_sequences, precompute_ref_logps
+from tunelab.train.loop import LoopContext, Method
 
 
 @dataclass
@@ -81,20 +81,11 @@ class KTO(Method):
             batch["ref_logps"] = torch.tensor([i.ref for i in items] + [i.ref_kl for i in items])
         return batch
 
-    @torch.no_grad()
     def precompute(self, ctx: LoopContext) -> None:
-        was_training = ctx.model.training
-        ctx.model.eval()
-        bs = ctx.cfg.train.batch_size
-        for items in (ctx.train_items, ctx.valid_items):
-            for j in range(0, len(items), bs):
-                chunk = items[j : j + bs]
-                batch = {k: v.to(ctx.accelerator.device) for k, v in self.collate_no_ref(chunk).items()}
-                with autocast(ctx):  # the same precision the training forward will use
-                    sums, _, _ = batch_logps(ctx.model, batch)
-                for k, it in enumerate(chunk):
-                    it.ref, it.ref_kl = float(sums[k]), float(sums[len(chunk) + k])
-        ctx.model.train(was_training)
+        def keep(it: Any, first: float, second: float) -> None:
+            it.ref, it.ref_kl = first, second
+
+        precompute_ref_logps(ctx, self.collate_no_ref, keep)
 
     def count(self, batch: dict[str, torch.Tensor]) -> int:
         return int(batch["examples"])
