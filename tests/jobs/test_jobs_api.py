@@ -189,7 +189,8 @@ def _metric_steps(client: OpenAI, job_id: str) -> list[int]:
     return sorted(e.data["step"] for e in all_events(client, job_id) if e.type == "metrics")  # type: ignore[index]
 
 
-def test_cancel_running_job_stops_it_at_once(server: Server, guide_job: dict[str, str]) -> None:
+def test_cancel_running_job_stops_it_at_once(server: Server, guide_job: dict[str, str],
+                                             jobs_env: dict[str, Path]) -> None:
     client = server.client()
     job_id = _long_job(client, guide_job["train"], steps=5000, save_every=1000)
     wait_for(lambda: _metric_steps(client, job_id), timeout=120, what="training to start")
@@ -199,8 +200,11 @@ def test_cancel_running_job_stops_it_at_once(server: Server, guide_job: dict[str
     job = client.fine_tuning.jobs.cancel(job_id)
     assert job.status == "cancelled" and job.finished_at
     steps_then = len(_metric_steps(client, job_id))
+    log = jobs_env["root"] / "data" / "jobs" / job_id / "run" / "metrics.jsonl"
+    size_then = log.stat().st_size
     time.sleep(2)
-    assert len(_metric_steps(client, job_id)) <= steps_then + 1  # at most one in flight when killed
+    assert log.stat().st_size == size_then  # the training process is dead: it writes nothing more
+    assert len(_metric_steps(client, job_id)) == steps_then  # and nothing is reported after the cancel
     job = client.fine_tuning.jobs.retrieve(job_id)
     assert job.status == "cancelled" and job.fine_tuned_model is None
     assert max(_metric_steps(client, job_id)) < 5000

@@ -163,3 +163,14 @@ def test_early_stopping_keeps_best(tmp_path: Path, tiny_dir: Path) -> None:
     assert valid[st.best_step] == min(valid.values())
     assert_same(adapter_weights(res.run_dir), load_file(str(res.run_dir / "best" / "adapter" / "adapter_model.safetensors")),
                 atol=0)
+
+
+def test_on_checkpoint_sees_every_checkpoint_before_rotation(tmp_path: Path, tiny_dir: Path) -> None:
+    # The jobs API keeps every checkpoint servable while the loop itself keeps only the last one: the hook runs
+    # while each checkpoint still exists, whatever the rotation does next.
+    seen: list[tuple[str, bool]] = []
+    res = train(make_cfg(tmp_path, tiny_dir, train={"max_steps": 4, "save_every": 1, "keep_checkpoints": 1}),
+                on_checkpoint=lambda p: seen.append((p.name, (p / "adapter" / "adapter_config.json").exists())))
+    # (the last step is the run's own `adapter`, not a checkpoint)
+    assert seen == [(f"step-{s:06d}", True) for s in (1, 2, 3)]
+    assert [p.name for p in (res.run_dir / "checkpoints").iterdir()] == ["step-000003"]

@@ -28,9 +28,11 @@ from pathlib import Path
 from typing import Any
 
 import yaml
+from sqlalchemy import select
 from sqlalchemy.engine import RowMapping
 
 from tunelab.jobs import hyper
+from tunelab.jobs.child import export_checkpoint
 from tunelab.jobs.harvest import Cursor, checkpoint_metrics, read_metrics, result_csv
 from tunelab.jobs.service import JobsService
 from tunelab.jobs.store import checkpoints, jobs, new_id, now
@@ -435,7 +437,7 @@ class WorkerPool:
         path = self.service.job_dir(run.job_id) / "run" / "metrics.jsonl"
         if path.exists():
             self._harvest_metrics(run, row, path, cfg, final)
-        self._harvest_checkpoints(run, self.store.get(jobs, run.job_id) or row)
+        self._harvest_checkpoints(run, self.store.get(jobs, run.job_id) or row, final)
 
     def _harvest_metrics(self, run: _Running, row: RowMapping, path: Path, cfg: dict[str, Any], final: bool) -> None:
         total = row["total_steps"] or 0
@@ -454,32 +456,36 @@ class WorkerPool:
             rate = (time.time() - run.started) / done_now
             values["estimated_finish"] = int(time.time() + rate * max(0, total - after.last_train))
         with self.store.write() as c:
+            # Checked inside the write: once a cancel has committed, steps the killed child logged but we had not
+            # read yet are dropped, so a cancelled job's events end at the cancellation.
+            if c.execute(select(jobs.c.status).where(jobs.c.id == run.job_id)).scalar() != "running":
+                return
             for ev in new_events:
                 self.store.add_event(run.job_id, ev.message, level=ev.level, type=ev.type, data=ev.data, conn=c)
             c.execute(jobs.update().where(jobs.c.id == run.job_id).values(**values))
 
-    def _harvest_checkpoints(self, run: _Running, row: RowMapping) -> None:
-        src_root = self.service.job_dir(run.job_id) / "run" / "checkpoints"
-        if not src_root.is_dir():
+    def _harvest_checkpoints(self, run: _Running, row: RowMapping, final: bool = False) -> None:
+        jdir = self.service.job_dir(run.job_id)
+        exported = jdir / "checkpoints"
+        src_root = jdir / "run" / "checkpoints"
+        if final and src_root.is_dir():
+            # The child exports each checkpoint before the loop rotates it away (child.export_checkpoint). One
+            # committed but not yet exported -- the child was killed in between -- is exported here, once the
+            # child is gone, so the two never write the same folder.
+            for d in sorted(src_root.glob(CKPT_PREFIX + "*")):
+                weights = d / "adapter" if (d / "adapter").is_dir() else d / "model"
+                if (d / "state.json").exists() and weights.is_dir() and not (exported / d.name).exists():
+                    try:
+                        export_checkpoint(d, weights.name, exported)
+                    except (OSError, shutil.Error):
+                        continue
+        if not exported.is_dir():
             return
         known = {r["step_number"] for r in self.store.checkpoints_of(run.job_id)}
-        for d in sorted(src_root.glob(CKPT_PREFIX + "*")):
+        for d in sorted(exported.glob(CKPT_PREFIX + "*")):  # .tmp-* folders are exports in progress
             step = int(d.name[len(CKPT_PREFIX):])
-            if step in known or not (d / "state.json").exists():
-                continue
-            # Copy the adapter out: the training loop rotates its own checkpoints away, ours stay servable.
-            dest = self.service.job_dir(run.job_id) / "checkpoints" / d.name
-            tmp = dest.with_name(".tmp-" + d.name)
-            shutil.rmtree(tmp, ignore_errors=True)
-            try:
-                shutil.copytree(d / "adapter", tmp)
-            except (OSError, shutil.Error):
-                shutil.rmtree(tmp, ignore_errors=True)
-                continue  # rotated away before we saw it; later ones will do
-            if dest.exists():
-                shutil.rmtree(dest)
-            os.replace(tmp, dest)
-            self._add_checkpoint(row, step, dest, checkpoint_metrics(run.metrics_by_step, step))
+            if step not in known:
+                self._add_checkpoint(row, step, d, checkpoint_metrics(run.metrics_by_step, step))
 
     def _add_checkpoint(self, row: RowMapping, step: int, path: Path, metrics: dict[str, Any]) -> None:
         name = f"{self.service.model_name(row)}:ckpt-step-{step}"

@@ -9,6 +9,7 @@ import json
 import random
 import re
 import shutil
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -50,7 +51,10 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def write_checkpoint(
     run_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any, loop_state: dict[str, Any],
     config_yaml: str, weights_name: str, keep: int, extra: dict[str, torch.Tensor] | None = None,
+    on_commit: Callable[[Path], None] | None = None,
 ) -> Path:
+    """Write `step-NNNNNN` atomically, call `on_commit(path)` (e.g. export the weights elsewhere) while it
+    still exists, then rotate older checkpoints away."""
     ckpts = run_dir / "checkpoints"
     ckpts.mkdir(parents=True, exist_ok=True)
     final = ckpts / f"step-{step:06d}"
@@ -71,6 +75,8 @@ def write_checkpoint(
     if final.exists():
         shutil.rmtree(final)
     tmp.rename(final)  # the commit point
+    if on_commit is not None:
+        on_commit(final)  # before rotation, so a caller that keeps every checkpoint never races it
     rotate(ckpts, keep, protect=loop_state.get("best_step"))
     return final
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 import math
 import time
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -105,8 +106,10 @@ class LoopContext:
     config_yaml: str = ""
     console: Any = None
     bf16: bool = False
-    last_valid: dict[str, float] = field(default_factory=dict)
     """Run forward passes under bf16 autocast (weights may stay fp32: full fine-tuning keeps fp32 masters)."""
+    last_valid: dict[str, float] = field(default_factory=dict)
+    on_checkpoint: Callable[[Path], None] | None = None
+    """Called with each checkpoint's folder right after it is committed, before older ones rotate away."""
 
     @property
     def is_main(self) -> bool:
@@ -256,6 +259,7 @@ def save_checkpoint(ctx: LoopContext) -> None:
         ckpt.write_checkpoint(
             ctx.run_dir, ctx.state.step, ctx.unwrap(), ctx.optimizer, ctx.scheduler, asdict(ctx.state),
             ctx.config_yaml, ctx.weights_name, ctx.cfg.train.keep_checkpoints, extra=ctx.method.extra_state(),
+            on_commit=ctx.on_checkpoint,
         )
     acc.wait_for_everyone()
 

@@ -18,6 +18,7 @@ import random
 import shutil
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -185,7 +186,7 @@ def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
 
 
 def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, console: Any = None,
-          show_progress: bool = True) -> RunResult:
+          show_progress: bool = True, on_checkpoint: Callable[[Path], None] | None = None) -> RunResult:
     from accelerate import Accelerator
     from accelerate.utils import set_seed
 
@@ -230,7 +231,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
                       train_items=train_items, valid_items=valid_items, total_steps=total_steps,
                       steps_per_epoch=steps_per_epoch, optimizer=optimizer, scheduler=scheduler,
                       weights_name="adapter" if cfg.uses_adapter else "model", config_yaml=config_yaml,
-                      console=con, bf16=bf16)
+                      console=con, bf16=bf16, on_checkpoint=on_checkpoint)
     found = ckpt.list_checkpoints(run_dir) if resume else []
     if not found and is_main:
         (run_dir / "config.yaml").write_text(config_yaml)
