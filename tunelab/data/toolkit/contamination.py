@@ -26,13 +26,12 @@ from tunelab.data.toolkit.io import (
     RejectWriter,
     StepReport,
     Workspace,
-    auto_num_proc,
     default_rejects,
     iter_batches,
     load_rows,
+    map_rows,
     normalise,
     parse_raw,
-    progress,
     raw_or_text,
     row_messages,
     row_text,
@@ -255,11 +254,8 @@ def contamination(
         index = EvalIndex(eval_texts, cfg)
         eval_gens = _generators(eval_objs)
         ds = load_rows(train, ws)
-        nproc = auto_num_proc(len(ds), cfg.num_proc)
-        with progress() as bar:
-            bar.add_task(f"checking {len(ds):,} training rows against {len(eval_texts):,} (num_proc={nproc})", total=None)
-            ds = ds.map(_match_batch, batched=True, batch_size=1000, num_proc=nproc if nproc > 1 else None,
-                        fn_kwargs={"index": index, "roles": cfg.roles}, new_fingerprint=f"leak-{time.time_ns()}")
+        ds = map_rows(ds, _match_batch, f"checking {len(ds):,} training rows against {len(eval_texts):,}",
+                      cfg.num_proc, {"index": index, "roles": cfg.roles}, "leak")
         report = ContaminationReport(len(ds), len(eval_texts))
         train_gens: set[str] = set()
         step: StepReport | None = None

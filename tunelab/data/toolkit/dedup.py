@@ -26,11 +26,11 @@ from tunelab.data.toolkit.io import (
     RejectWriter,
     StepReport,
     Workspace,
-    auto_num_proc,
     column,
     default_rejects,
     iter_batches,
     load_rows,
+    map_rows,
     normalise,
     parse_raw,
     progress,
@@ -298,18 +298,8 @@ def dedup(
     with Workspace() as ws:
         ds = load_rows(input, ws)
         rep.rows_in = len(ds)
-        nproc = auto_num_proc(len(ds), cfg.num_proc)
-        with progress() as bar:
-            bar.add_task(f"hashing {len(ds):,} rows (num_proc={nproc})", total=None)
-            ds = ds.map(
-                _signature_batch,
-                batched=True,
-                batch_size=1000,
-                num_proc=nproc if nproc > 1 else None,
-                fn_kwargs={"cfg": cfg.model_dump(), "b": b, "r": r},
-                features=_features(ds.features),
-                new_fingerprint=f"sig-{time.time_ns()}",
-            )
+        ds = map_rows(ds, _signature_batch, f"hashing {len(ds):,} rows", cfg.num_proc,
+                      {"cfg": cfg.model_dump(), "b": b, "r": r}, "sig", features=_features(ds.features))
         ok = column(ds, "_ok").astype(bool)
         ex = column(ds, "_exact").astype(np.int64)
         lines = column(ds, "_line").astype(np.int64)

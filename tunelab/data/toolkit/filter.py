@@ -23,11 +23,11 @@ from tunelab.data.toolkit.io import (
     RejectWriter,
     StepReport,
     Workspace,
-    auto_num_proc,
     column,
     default_rejects,
     iter_batches,
     load_rows,
+    map_rows,
     normalise,
     parse_raw,
     progress,
@@ -170,18 +170,9 @@ def quality_filter(
     with Workspace() as ws:
         ds = load_rows(input, ws)
         rep.rows_in = len(ds)
-        nproc = auto_num_proc(len(ds), cfg.num_proc)
-        with progress() as bar:
-            bar.add_task(f"scoring {len(ds):,} rows (num_proc={nproc})", total=None)
-            ds = ds.map(
-                _score_batch,
-                batched=True,
-                batch_size=1000,
-                num_proc=nproc if nproc > 1 else None,
-                fn_kwargs={"tokenizer": tokenizer, "min_chars": cfg.lang_min_chars,
-                           "want_lang": cfg.languages is not None or cfg.keep_scores},
-                new_fingerprint=f"score-{time.time_ns()}",
-            )
+        ds = map_rows(ds, _score_batch, f"scoring {len(ds):,} rows", cfg.num_proc,
+                      {"tokenizer": tokenizer, "min_chars": cfg.lang_min_chars,
+                       "want_lang": cfg.languages is not None or cfg.keep_scores}, "score")
         ok = column(ds, "_ok").astype(bool)
         toks = column(ds, "_tokens")
         rep_ratio = column(ds, "_repetition")

@@ -345,6 +345,17 @@ def default_rejects(output: str | Path) -> Path:
     return p.with_name(f"{stem}.rejects.jsonl")
 
 
+def map_rows(ds: Any, fn: Any, what: str, requested_procs: int | None, fn_kwargs: dict[str, Any],
+             tag: str, features: Any = None) -> Any:
+    """`fn` over `ds` in batches of 1,000 (worker processes for large inputs, see `auto_num_proc`), with a
+    spinner saying `what`. A fresh fingerprint each call: the cache must never hand back another run's columns."""
+    nproc = auto_num_proc(len(ds), requested_procs)
+    with progress() as bar:
+        bar.add_task(f"{what} (num_proc={nproc})", total=None)
+        return ds.map(fn, batched=True, batch_size=1000, num_proc=nproc if nproc > 1 else None, fn_kwargs=fn_kwargs,
+                      features=features, new_fingerprint=f"{tag}-{time.time_ns()}")
+
+
 def progress() -> Progress:
     return Progress(
         SpinnerColumn(),

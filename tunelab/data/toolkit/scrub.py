@@ -27,10 +27,10 @@ from tunelab.data.toolkit.io import (
     RejectWriter,
     StepReport,
     Workspace,
-    auto_num_proc,
     default_rejects,
     iter_batches,
     load_rows,
+    map_rows,
     map_texts,
     parse_raw,
     progress,
@@ -269,17 +269,8 @@ def scrub(
     with Workspace() as ws:
         ds = load_rows(input, ws)
         rep.rows_in = len(ds)
-        nproc = auto_num_proc(len(ds), cfg.num_proc)
-        with progress() as bar:
-            bar.add_task(f"scanning {len(ds):,} rows (num_proc={nproc})", total=None)
-            ds = ds.map(
-                _scrub_batch,
-                batched=True,
-                batch_size=1000,
-                num_proc=nproc if nproc > 1 else None,
-                fn_kwargs={"types": list(cfg.types), "engine": cfg.engine},
-                new_fingerprint=f"scrub-{time.time_ns()}",
-            )
+        ds = map_rows(ds, _scrub_batch, f"scanning {len(ds):,} rows", cfg.num_proc,
+                      {"types": list(cfg.types), "engine": cfg.engine}, "scrub")
         rej = RejectWriter(rejects, "scrub")
         out = JsonlWriter(output)
         with progress() as bar:

@@ -16,12 +16,11 @@ import numpy as np
 from tunelab.data.toolkit.dedup import exact_hash
 from tunelab.data.toolkit.io import (
     Workspace,
-    auto_num_proc,
     column,
     iter_batches,
     load_rows,
+    map_rows,
     parse_raw,
-    progress,
     row_messages,
     row_text,
 )
@@ -67,11 +66,7 @@ def dataset_stats(
     t0 = time.perf_counter()
     with Workspace() as ws:
         ds = load_rows(input, ws)
-        nproc = auto_num_proc(len(ds), num_proc)
-        with progress() as bar:
-            bar.add_task(f"reading {len(ds):,} rows (num_proc={nproc})", total=None)
-            ds = ds.map(_stats_batch, batched=True, batch_size=1000, num_proc=nproc if nproc > 1 else None,
-                        fn_kwargs={"tokenizer": tokenizer}, new_fingerprint=f"stats-{time.time_ns()}")
+        ds = map_rows(ds, _stats_batch, f"reading {len(ds):,} rows", num_proc, {"tokenizer": tokenizer}, "stats")
         ok = column(ds, "_ok").astype(bool)
         turns = column(ds, "_turns")[ok]
         chars = column(ds, "_chars")[ok]
