@@ -4,6 +4,8 @@ exits with its code, never a traceback."""
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
 
 
 class TunelabError(Exception):
@@ -20,6 +22,19 @@ class TunelabError(Exception):
 
 class ConfigError(TunelabError):
     exit_code = 2
+
+
+def read_yaml(path: str | Path, what: str = "config file") -> Any:
+    """A YAML file's content, or a ConfigError naming the file: missing, or not YAML (with yaml's line)."""
+    p = Path(path)
+    if not p.is_file():
+        raise ConfigError(f"{p}: {what} not found" if not p.exists() else f"{p}: is a directory, not a {what}")
+    import yaml  # here, not at the top: the server's error path must stay light to import
+
+    try:
+        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{p}: not valid YAML: {e}") from None
 
 
 @dataclass(frozen=True)

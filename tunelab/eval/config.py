@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, read_yaml
 
 DEFAULT_RUBRIC = (
     "Judge which answer better fulfils the user's request: correct, complete, following any requested "
@@ -132,12 +132,7 @@ def eval_config_from_dict(raw: Any, source: str = "eval") -> EvalConfig:
 def load_eval_config(path: str | Path) -> EvalConfig:
     """An eval config YAML: the keys of `eval:` at top level, or a whole config with an `eval:` section."""
     p = Path(path)
-    if not p.is_file():
-        raise ConfigError(f"{p}: eval config file not found")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    raw = read_yaml(p, "eval config file")
     if isinstance(raw, dict) and ("eval" in raw or "data" in raw or "model" in raw):
         raw = raw.get("eval") or {}  # a whole run config: only its eval section matters here
     return eval_config_from_dict(raw, str(p))

@@ -24,7 +24,6 @@ import time
 from pathlib import Path
 from typing import Any
 
-import yaml
 from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
 
 from tunelab.data.toolkit.contamination import ContaminationConfig, contamination
@@ -32,7 +31,7 @@ from tunelab.data.toolkit.dedup import DedupConfig, dedup
 from tunelab.data.toolkit.filter import FilterConfig, quality_filter
 from tunelab.data.toolkit.io import StepReport, console
 from tunelab.data.toolkit.scrub import ScrubConfig, scrub
-from tunelab.errors import ConfigError
+from tunelab.errors import ConfigError, read_yaml
 
 
 class ContaminationStep(ContaminationConfig):
@@ -79,12 +78,7 @@ class PipelineConfig(BaseModel):
 def load_pipeline(path: str | Path) -> tuple[PipelineConfig, Path]:
     """Read `data.pipeline` (or a top-level `pipeline`) from a YAML file."""
     p = Path(path)
-    if not p.exists():
-        raise ConfigError(f"{p}: config file not found")
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    raw = read_yaml(p)
     section = None
     if isinstance(raw, dict):
         data = raw.get("data")
