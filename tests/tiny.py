@@ -74,9 +74,9 @@ def tiny_model(seed: int = 0, dtype: torch.dtype = torch.float32, **kw: Any) -> 
     return model
 
 
-def save_tiny(path: str | Path, seed: int = 0) -> Path:
+def save_tiny(path: str | Path, seed: int = 0, **kw: Any) -> Path:
     p = Path(path)
-    tiny_model(seed).save_pretrained(p)
+    tiny_model(seed, **kw).save_pretrained(p)
     tiny_tokenizer().save_pretrained(p)
     return p
 

@@ -90,6 +90,8 @@ class TrainConfig(_Strict):
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float | None = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
+    fsdp: bool = False
+    """Full fine-tuning sharded across processes (FSDP2) when launched with several; ignored in one process."""
     optimizer: Literal["adamw", "paged_adamw"] = "adamw"
     seed: int = 42
     log_every: int = Field(1, ge=1)
@@ -247,6 +249,12 @@ class RunConfig(_Strict):
         if self.finetune == "adalora" and self.lora.target_r > self.lora.init_r:
             raise ValueError("lora.target_r must be <= lora.init_r for AdaLoRA")
         _check_method_section(self)
+        if self.train.fsdp and self.finetune != "full":
+            raise ValueError(f"train.fsdp shards full fine-tuning; with finetune: {self.finetune} the trainable "
+                             "weights are small already: drop train.fsdp (several processes then run data-parallel)")
+        if self.train.fsdp and self.method != "sft":
+            raise ValueError(f"train.fsdp supports method sft; method {self.method} keeps a reference model or "
+                             "extra heads that are not sharded")
         return self
 
     @property

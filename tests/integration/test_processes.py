@@ -86,3 +86,62 @@ def test_kill_dash_9_then_resume_reaches_same_weights(tmp_path: Path, tiny_dir: 
     assert res.returncode == 0, res.stderr[-3000:]
     assert "resuming from" in res.stdout
     assert max_diff(weights(straight.run_dir), weights(tmp_path / "killed")) < 1e-6
+
+
+def load_config_for(run: Path, *overrides: str) -> Any:
+    from tunelab.config import load_config
+
+    return load_config(run / "config.yaml", [f"output_dir={run}", *overrides])
+
+
+def full_weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def test_fsdp_full_finetuning_matches_single_process_and_resumes(tmp_path: Path) -> None:
+    # Tied input/output embeddings like SmolLM2: the tied weight must stay one parameter through sharding.
+    model_dir = tiny.save_tiny(tmp_path / "tied", tie_word_embeddings=True)
+    common = {"max_steps": 4, "save_every": 2, "keep_checkpoints": 5, "eval_every": 2,
+              "eval_max_examples": 5}  # 5 validation examples over 2 processes: shards of 3 and 2 must keep step
+
+    def cfg(out: str, **kw: Any) -> dict[str, Any]:
+        d = cfg_dict(tmp_path, model_dir, out, **common, **kw)
+        d["finetune"] = "full"
+        del d["lora"]
+        return d
+
+    def torchrun(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
+                               "--master_port", "29534", "-m", "tunelab.cli", "train", *args],
+                              capture_output=True, text=True, env=ENV, timeout=300)
+
+    one = train(config_from_dict(cfg("single", batch_size=4)))
+    (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(cfg("fsdp", batch_size=2, fsdp=True)))
+    proc = torchrun(str(tmp_path / "fsdp.yaml"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "sharded (FSDP2) across 2 processes" in proc.stdout
+    sharded = tmp_path / "fsdp"
+    # the saved model is an ordinary, whole Hugging Face model, equal to the single-process one
+    assert max_diff(full_weights(one.run_dir / "model"), full_weights(sharded / "model")) < 1e-5
+    ckpt = "checkpoints/step-000002/model"
+    assert max_diff(full_weights(one.run_dir / ckpt), full_weights(sharded / ckpt)) < 1e-5
+
+    def valid_losses(p: Path) -> list[float]:
+        rows = [yaml.safe_load(x) for x in (p / "metrics.jsonl").read_text().splitlines()]
+        return [r["valid_loss"] for r in rows if "valid_loss" in r]
+    assert len(valid_losses(sharded)) == 3  # baseline, step 2, step 4
+    assert max(abs(a - b) for a, b in zip(valid_losses(one.run_dir), valid_losses(sharded), strict=True)) < 1e-5
+
+    # Resume from the step-2 checkpoint (gathered, unsharded state): in one process, and on 2 processes again.
+    import shutil
+
+    shutil.rmtree(sharded / "model")
+    (sharded / "state.json").unlink()
+    shutil.copytree(sharded, tmp_path / "fsdp-then-one")
+    alone = load_config_for(tmp_path / "fsdp-then-one", "train.batch_size=4")  # the same global batch
+    train(alone, resume=True)
+    assert max_diff(full_weights(one.run_dir / "model"), full_weights(tmp_path / "fsdp-then-one" / "model")) < 1e-5
+    proc = torchrun("--resume", str(sharded))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "resuming from" in proc.stdout
+    assert max_diff(full_weights(one.run_dir / "model"), full_weights(sharded / "model")) < 1e-5

@@ -47,6 +47,12 @@ def test_bad_values_and_overrides(tmp_path: Path) -> None:
     assert cfg.train.lr == 5e-4 and cfg.lora.target_modules == ["q_proj", "v_proj"]
     with pytest.raises(ConfigError, match="key=value"):
         load_config(p, ["train.lr"])
+    # sharding is for full fine-tuning with SFT; anything else is refused up front, saying what to do
+    assert load_config(p, ["finetune=full", "train.fsdp=true"]).train.fsdp
+    with pytest.raises(ConfigError, match="drop train.fsdp"):
+        load_config(p, ["train.fsdp=true"])
+    with pytest.raises(ConfigError, match="supports method sft"):
+        load_config(p, ["finetune=full", "train.fsdp=true", "method=dpo"])
 
 
 def test_config_is_frozen(tmp_path: Path) -> None:
@@ -63,3 +69,19 @@ def test_data_pipeline_section_in_a_training_config(tmp_path: Path) -> None:
                  "    steps:\n      - dedup: {threshold: 0.8}\n      - scrub: {}\n")
     cfg = load_config(p)
     assert cfg.data.pipeline is not None and [next(iter(s)) for s in cfg.data.pipeline.steps] == ["dedup", "scrub"]
+
+
+def test_accelerate_fsdp_or_deepspeed_launch_is_refused_with_the_way_out() -> None:
+    from types import SimpleNamespace
+
+    from accelerate.utils import DistributedType
+
+    from tunelab.train import fsdp
+
+    with pytest.raises(ConfigError, match="set train.fsdp: true"):
+        fsdp.check_supported(SimpleNamespace(distributed_type=DistributedType.FSDP))
+    with pytest.raises(ConfigError, match="DeepSpeed"):
+        fsdp.check_supported(SimpleNamespace(distributed_type=DistributedType.DEEPSPEED))
+    fsdp.check_supported(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))  # DDP: fine
+    # evaluation keeps shards in step: 5 examples, 2 processes, batch 2 -> 3 and 2 examples, 2 and 1 batches
+    assert [fsdp.extra_eval_batches(5, 2, 2, mine) for mine in (3, 2)] == [0, 1]

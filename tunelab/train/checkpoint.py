@@ -20,15 +20,17 @@ CKPT_RE = re.compile(r"^step-(\d+)$")
 EXTRA_FILE = "method_state.safetensors"  # a method's own trainable tensors (reward/value heads)
 
 
-def save_weights(model: Any, out: Path, tokenizer: Any | None = None) -> None:
-    """PEFT models save adapter_config.json + adapter_model.safetensors; full models a whole HF folder."""
+def save_weights(model: Any, out: Path, tokenizer: Any | None = None,
+                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
+    """PEFT models save adapter_config.json + adapter_model.safetensors; full models a whole HF folder.
+    `state_dict`: weights gathered from a sharded model (train/fsdp.py) instead of the model's own."""
     out.mkdir(parents=True, exist_ok=True)
     if hasattr(model, "peft_config"):
         # "auto" would look the base's config up on the hub to see whether the vocabulary changed: never
         # reach the network while saving (tunelab does not resize embeddings).
-        model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False)
+        model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False, state_dict=state_dict)
     else:
-        model.save_pretrained(out, safe_serialization=True)
+        model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(out)
 
@@ -51,7 +53,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 def write_checkpoint(
     run_dir: Path, step: int, model: Any, optimizer: Any, scheduler: Any, loop_state: dict[str, Any],
     config_yaml: str, weights_name: str, keep: int, extra: dict[str, torch.Tensor] | None = None,
-    on_commit: Callable[[Path], None] | None = None,
+    on_commit: Callable[[Path], None] | None = None, state_dict: dict[str, torch.Tensor] | None = None,
+    optimizer_state: dict[str, Any] | None = None,
 ) -> Path:
     """Write `step-NNNNNN` atomically, call `on_commit(path)` (e.g. export the weights elsewhere) while it
     still exists, then rotate older checkpoints away."""
@@ -62,8 +65,9 @@ def write_checkpoint(
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
-    save_weights(model, tmp / weights_name)
-    torch.save(optimizer.state_dict(), tmp / "optimizer.pt")
+    save_weights(model, tmp / weights_name, state_dict=state_dict)
+    # A sharded run passes its gathered state: keyed by parameter name, loadable on any number of processes.
+    torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
     torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
     torch.save(rng_state(), tmp / "rng.pt")
     (tmp / "state.json").write_text(json.dumps(loop_state, indent=1))
@@ -115,6 +119,16 @@ def load_extra(path: Path) -> dict[str, torch.Tensor]:
     return load_file(str(p)) if p.exists() else {}
 
 
+def read_full_weights(path: Path) -> dict[str, torch.Tensor]:
+    """Every tensor of a full-model folder (save_pretrained may split it over several files)."""
+    from safetensors.torch import load_file
+
+    sd: dict[str, torch.Tensor] = {}
+    for f in sorted(path.glob("*.safetensors")):
+        sd.update(load_file(str(f)))
+    return sd
+
+
 def load_weights_into(model: Any, path: Path) -> None:
     """Load trainable weights saved by save_weights back into a live (possibly PEFT-wrapped) model."""
     from safetensors.torch import load_file
@@ -124,11 +138,7 @@ def load_weights_into(model: Any, path: Path) -> None:
 
         set_peft_model_state_dict(model, load_file(str(path / "adapter_model.safetensors")))
         return
-    files = sorted(path.glob("*.safetensors"))
-    sd: dict[str, torch.Tensor] = {}
-    for f in files:
-        sd.update(load_file(str(f)))
-    missing, unexpected = model.load_state_dict(sd, strict=False)
+    missing, unexpected = model.load_state_dict(read_full_weights(path), strict=False)
     missing = [k for k in missing if "lm_head" not in k]
     if missing or unexpected:
         raise RuntimeError(f"checkpoint {path} does not match the model: missing {missing[:3]} unexpected {unexpected[:3]}")

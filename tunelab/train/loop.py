@@ -31,6 +31,7 @@ import torch
 from tunelab.config import RunConfig
 from tunelab.errors import TunelabError
 from tunelab.train import checkpoint as ckpt
+from tunelab.train import fsdp
 
 
 class Method(ABC):
@@ -110,6 +111,8 @@ class LoopContext:
     last_valid: dict[str, float] = field(default_factory=dict)
     on_checkpoint: Callable[[Path], None] | None = None
     """Called with each checkpoint's folder right after it is committed, before older ones rotate away."""
+    sharded: bool = False
+    """Weights sharded across processes with FSDP2 (train/fsdp.py): saving gathers, evaluation stays in step."""
 
     @property
     def is_main(self) -> bool:
@@ -117,6 +120,10 @@ class LoopContext:
 
     def unwrap(self) -> Any:
         return self.accelerator.unwrap_model(self.model)
+
+    def gathered_weights(self) -> dict[str, torch.Tensor] | None:
+        """Full weights of a sharded model (rank 0; every process must call this), else None: save the model's own."""
+        return fsdp.full_model_state(self.model) if self.sharded else None
 
 
 def global_batch(cfg: RunConfig, world: int) -> int:
@@ -202,6 +209,10 @@ def evaluate(ctx: LoopContext) -> dict[str, float]:
         with autocast(ctx):
             _, m = ctx.method.loss(ctx.model, batch, 1.0)
         _add(sums, m)
+    if ctx.sharded:  # each forward gathers weights from every process: a shorter shard must keep in step
+        for _ in range(fsdp.extra_eval_batches(len(ctx.valid_items), acc.num_processes, bs, len(items))):
+            with autocast(ctx):
+                ctx.method.loss(ctx.model, _to_device(ctx.method.collate(ctx.valid_items[:1]), acc.device), 1.0)
     ctx.model.train()
     return ctx.method.summarize(reduce_sums(ctx, sums))
 
@@ -239,7 +250,7 @@ def train_step(ctx: LoopContext, mbs: list[list[Any]]) -> dict[str, float]:
     ctx.optimizer.zero_grad(set_to_none=True)
     out = reduce_sums(ctx, sums)
     if grad_norm is not None:
-        gn = float(grad_norm)
+        gn = float(fsdp.local_value(grad_norm))
         if not math.isfinite(gn):
             raise NonFiniteLoss(ctx.state.step + 1, what="gradient norm")
         out["grad_norm"] = gn
@@ -255,11 +266,13 @@ class NonFiniteLoss(TunelabError):
 def save_checkpoint(ctx: LoopContext) -> None:
     acc = ctx.accelerator
     acc.wait_for_everyone()
+    weights = ctx.gathered_weights()
+    optim = fsdp.full_optimizer_state(ctx.model, ctx.optimizer) if ctx.sharded else None
     if ctx.is_main:
         ckpt.write_checkpoint(
             ctx.run_dir, ctx.state.step, ctx.unwrap(), ctx.optimizer, ctx.scheduler, asdict(ctx.state),
             ctx.config_yaml, ctx.weights_name, ctx.cfg.train.keep_checkpoints, extra=ctx.method.extra_state(),
-            on_commit=ctx.on_checkpoint,
+            on_commit=ctx.on_checkpoint, state_dict=weights, optimizer_state=optim,
         )
     acc.wait_for_everyone()
 
@@ -272,8 +285,10 @@ def after_eval(ctx: LoopContext, metrics: dict[str, float]) -> bool:
     if st.best_valid is None or loss < st.best_valid:
         st.best_valid, st.best_step, st.bad_evals = loss, st.step, 0
         st.train_loss_at_best = st.last_train_loss
-        if cfg.train.early_stopping and ctx.is_main:
-            ckpt.save_weights(ctx.unwrap(), ctx.run_dir / "best" / ctx.weights_name)
+        if cfg.train.early_stopping:
+            weights = ctx.gathered_weights()
+            if ctx.is_main:
+                ckpt.save_weights(ctx.unwrap(), ctx.run_dir / "best" / ctx.weights_name, state_dict=weights)
         return False
     st.bad_evals += 1
     train_falling = (

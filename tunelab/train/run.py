@@ -33,6 +33,7 @@ from tunelab.errors import DataError, TunelabError
 from tunelab.model.adapters import apply_finetune
 from tunelab.model.loading import bf16_supported, describe_parameters, load_model
 from tunelab.train import checkpoint as ckpt
+from tunelab.train import fsdp
 from tunelab.train.loop import LoopContext, LoopState, Method, NonFiniteLoss, lr_lambda, plan_steps, run_loop
 from tunelab.train.tracking import Tracker, plot_loss
 
@@ -192,6 +193,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
 
     # cpu=True is what lets accelerate form a gloo process group under torchrun on machines without CUDA.
     accelerator = Accelerator(cpu=not torch.cuda.is_available())
+    fsdp.check_supported(accelerator)
+    sharded = fsdp.active(cfg, accelerator)
     is_main = accelerator.is_main_process
     con = console if is_main else None
     run_dir = prepare_run_dir(cfg, resume, overwrite) if is_main else Path(cfg.output_dir)
@@ -221,17 +224,24 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
         model, cfg.finetune, cfg.lora, total_steps=total_steps, gradient_checkpointing=cfg.train.gradient_checkpointing)
     if con is not None:
         con.print(f"[bold]{cfg.model.name}[/bold] · {cfg.finetune} · {cfg.method} · {describe_parameters(model)}")
+    if sharded:
+        model = fsdp.shard(model)  # before the optimizer: it must hold the sharded parameters
+        if con is not None:
+            con.print(f"weights, gradients and optimizer state sharded (FSDP2) across {accelerator.num_processes} processes")
     bf16 = (cfg.model.dtype in ("auto", "bf16")) and bf16_supported(accelerator.device)
     optimizer = build_optimizer(cfg, model, con)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
-    model, optimizer = accelerator.prepare(model, optimizer)
+    if sharded:
+        optimizer = accelerator.prepare(optimizer)  # the model is FSDP's: accelerate must not wrap it in DDP
+    else:
+        model, optimizer = accelerator.prepare(model, optimizer)
 
     config_yaml = dump_config(cfg)
     ctx = LoopContext(cfg=cfg, run_dir=run_dir, model=model, tokenizer=tok, accelerator=accelerator, method=method,
                       train_items=train_items, valid_items=valid_items, total_steps=total_steps,
                       steps_per_epoch=steps_per_epoch, optimizer=optimizer, scheduler=scheduler,
                       weights_name="adapter" if cfg.uses_adapter else "model", config_yaml=config_yaml,
-                      console=con, bf16=bf16, on_checkpoint=on_checkpoint)
+                      console=con, bf16=bf16, on_checkpoint=on_checkpoint, sharded=sharded)
     found = ckpt.list_checkpoints(run_dir) if resume else []
     if not found and is_main:
         (run_dir / "config.yaml").write_text(config_yaml)
@@ -243,9 +253,13 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
     method.setup(ctx)
     if found:
         state, opt_sd, sch_sd, rng = ckpt.load_checkpoint(found[-1])
-        ckpt.load_weights_into(ctx.unwrap(), found[-1] / ctx.weights_name)
+        if sharded or fsdp.saved_by_name(opt_sd):
+            # Full state from a sharded run (or for one): loads into shards or a whole model alike.
+            fsdp.load_full_state(ctx.unwrap(), optimizer, ckpt.read_full_weights(found[-1] / ctx.weights_name), opt_sd)
+        else:
+            ckpt.load_weights_into(ctx.unwrap(), found[-1] / ctx.weights_name)
+            optimizer.load_state_dict(opt_sd)
         method.load_extra_state(ckpt.load_extra(found[-1]))
-        optimizer.load_state_dict(opt_sd)
         scheduler.load_state_dict(sch_sd)
         ckpt.set_rng_state(rng)
         ctx.state = LoopState(**state)
@@ -267,6 +281,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
 def _finish(ctx: LoopContext) -> RunResult:
     st, run_dir = ctx.state, ctx.run_dir
     ctx.accelerator.wait_for_everyone()
+    weights = None if st.stopped_early else ctx.gathered_weights()
     if ctx.is_main:
         out = run_dir / ctx.weights_name
         best = run_dir / "best" / ctx.weights_name
@@ -275,7 +290,7 @@ def _finish(ctx: LoopContext) -> RunResult:
         if st.stopped_early and best.exists():
             shutil.copytree(best, out)  # the run's result is the best checkpoint, not the last step
         else:
-            ckpt.save_weights(ctx.unwrap(), out)
+            ckpt.save_weights(ctx.unwrap(), out, state_dict=weights)
         if ctx.weights_name == "model":
             ctx.tokenizer.save_pretrained(out)
         (run_dir / "state.json").write_text(json.dumps(asdict(st), indent=1))
