@@ -43,9 +43,6 @@ def cuda_peak_mib() -> float | None:
 def run_tunelab(variant: str, n: int, steps: int, batch: int, seq: int, out: Path) -> dict[str, Any]:
     from tunelab.config import config_from_dict
     from tunelab.train import run as run_mod
-    from tunelab.train.cli_pref import register_methods
-
-    register_methods()
     data = out / "pairs.jsonl"
     data.write_text("".join(PAIRS.read_text().splitlines(keepends=True)[:n]))
     cfg = config_from_dict({
