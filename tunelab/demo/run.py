@@ -5,25 +5,25 @@
 2. On the held-out test split (templates and vocabulary training never saw), compare the base model
    *prompted with format instructions* against the fine-tuned model *without* them: JSON validity,
    schema conformance, field accuracy. Greedy decoding, fixed settings, recorded with the results.
-3. Write the results JSON and the self-contained HTML report (loss curves, baseline, best step) into the
-   run folder.
+   Forgetting: both also answer questions from the bundled general set. This is `tunelab eval`'s pipeline.
+3. Write RUN/eval/results.json and the self-contained HTML report (loss curves with baseline and best step,
+   metric table, forgetting, side-by-side samples) into the run folder, and print its path.
 """
 
 from __future__ import annotations
 
-import json
-import time
 from pathlib import Path
 from typing import Any
 
+from rich.markup import escape
+
 from tunelab.config import RunConfig, load_config
-from tunelab.data.readers import read_conversations
-from tunelab.demo.clinical import FORMAT_INSTRUCTIONS
-from tunelab.demo.scoring import aggregate, score_output
+from tunelab.demo.clinical import FIELDS, FORMAT_INSTRUCTIONS, JSON_SCHEMA
 from tunelab.errors import TunelabError
+from tunelab.eval.run import RESULTS_NAME, write_json
 
 DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_clinical_lora.yaml"
-METRICS = (("json_valid", "valid JSON"), ("schema_ok", "schema conformance"), ("field_accuracy", "field accuracy"))
+METRICS = (("json_valid", "valid JSON"), ("schema", "schema conformance"), ("field_accuracy", "field accuracy"))
 
 
 def demo_config(out: Path, steps: int | None) -> RunConfig:
@@ -48,55 +48,43 @@ def _train(cfg: RunConfig, console: Any) -> Path:
     return res.run_dir
 
 
-def compare(run_dir: Path, test_path: str, limit: int | None, console: Any, batch_size: int = 12,
+def compare(run_dir: Path, limit: int | None, console: Any, general: int = 30, batch_size: int = 12,
             max_new_tokens: int = 160) -> dict[str, Any]:
-    """Base (with instructions) vs fine-tuned (without) on the test split; one model in memory: the base is the
-    fine-tuned model with its adapter disabled."""
-    from tunelab.eval.config import GenerationSettings
-    from tunelab.eval.generate import generate
-    from tunelab.model.adapters import load_for_inference
+    """Base (with instructions) vs fine-tuned (without) on the run's test split, through `tunelab eval`'s own
+    pipeline (one base model in memory, the adapter attached by name): the task metrics, reference loss, and
+    forgetting on `general` questions of the bundled general set. Returns the results `tunelab report` reads."""
+    from tunelab.eval.config import EvalConfig, GenerationSettings
+    from tunelab.eval.run import evaluate, plan
 
-    convs = read_conversations(test_path)[:limit]
-    refs = [json.loads(c.completion) for c in convs]
-    model, tok, _ = load_for_inference(str(run_dir))
-    settings = GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size)
-    t0 = time.perf_counter()
-    console.print(f"generating {len(convs)} test answers with the base model (format instructions in the prompt)...")
-    with model.disable_adapter():
-        base_out = generate(model, tok, convs, settings, system_prompt=FORMAT_INSTRUCTIONS)
-    console.print(f"generating {len(convs)} test answers with the fine-tuned model (no instructions)...")
-    tuned_out = generate(model, tok, convs, settings)
-    base_scores = [score_output(o, r) for o, r in zip(base_out, refs, strict=True)]
-    tuned_scores = [score_output(o, r) for o, r in zip(tuned_out, refs, strict=True)]
-    return {
-        "test_file": test_path,
-        "examples": len(convs),
-        "generation": {**settings.model_dump(), "decoding": "greedy"},
-        "seconds": round(time.perf_counter() - t0, 1),
-        "base_with_instructions": aggregate(base_scores),
-        "finetuned_without_instructions": aggregate(tuned_scores),
-        "samples": [
-            {"note": c.prompt[-1].content, "reference": r, "base": b, "finetuned": f}
-            for c, r, b, f in list(zip(convs, refs, base_out, tuned_out, strict=True))[:10]
-        ],
-    }
+    p = plan(run_dir, system_prompt=FORMAT_INSTRUCTIONS)
+    p.eval_config = EvalConfig(
+        metrics=["json_valid", "schema", "field_accuracy", "exact_match", "rouge_l"], json_schema=JSON_SCHEMA,
+        fields=list(FIELDS), max_examples=limit, general_max_examples=general,
+        generation=GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size),
+    )
+    return evaluate(p, log=lambda line: console.print(f"[dim]{escape(line)}[/dim]"))
 
 
 def print_table(res: dict[str, Any], console: Any) -> None:
     from rich.table import Table
 
-    t = Table(title=f"Clinical note -> JSON, held-out test split ({res['examples']} examples, greedy)")
+    base, tuned = res["targets"][0], res["targets"][1]
+    t = Table(title=f"Clinical note -> JSON, held-out test split ({res['n_examples']} examples, greedy)")
     t.add_column("metric")
     t.add_column("base + format instructions", justify="right")
     t.add_column("fine-tuned, no instructions", justify="right")
     for key, label in METRICS:
-        b, f = res["base_with_instructions"][key], res["finetuned_without_instructions"][key]
+        b, f = base["metrics"][key] or 0.0, tuned["metrics"][key] or 0.0
         t.add_row(label, f"{100 * b:.1f}%", f"[bold]{100 * f:.1f}%[/bold]")
+    if "general" in base:
+        n = base["general"]["n"]
+        t.add_row(f"general questions ({n})", f"{100 * base['general']['accuracy']:.1f}%",
+                  f"{100 * tuned['general']['accuracy']:.1f}%")
     console.print(t)
-    from rich.markup import escape
-
-    s = res["samples"][0]
-    for label, text in (("sample note", s["note"]), ("base", s["base"][:300]), ("fine-tuned", s["finetuned"][:300])):
+    ex = res["examples"][0]
+    note = ex["prompt"][-1]["content"]
+    for label, text in (("sample note", note), ("base", ex["outputs"][base["name"]][:300]),
+                        ("fine-tuned", ex["outputs"][tuned["name"]][:300])):
         console.print(f"[dim]{label}:[/dim] {escape(text)}")
 
 
@@ -109,11 +97,11 @@ def run_demo(out: Path, steps: int | None = None, limit: int | None = None, cons
     run_dir = _train(cfg, console)
     console.rule("2. before / after on the held-out test split")
     assert cfg.data.test is not None
-    res = compare(run_dir, cfg.data.test, limit, console)
-    (run_dir / "eval").mkdir(exist_ok=True)
-    (run_dir / "eval" / "demo.json").write_text(json.dumps(res, indent=1))
+    res = compare(run_dir, limit, console)
+    results = run_dir / "eval" / RESULTS_NAME
+    write_json(results, res)
     print_table(res, console)
-    console.print(f"results: {run_dir / 'eval' / 'demo.json'}")
+    console.print(f"results: {results}")
     from tunelab.eval.report import write_report
 
     console.print(f"report: {write_report(run_dir)}")

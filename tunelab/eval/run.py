@@ -19,12 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from tunelab.config import RunConfig, config_from_dict
 from tunelab.data.readers import read_conversations
 from tunelab.data.records import Conversation
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import ConfigError, TunelabError, read_yaml
 from tunelab.eval import metrics as M
 from tunelab.eval.config import EvalConfig, eval_config_from_dict, load_eval_config
 from tunelab.eval.general import general_path
@@ -58,10 +56,7 @@ class EvalPlan:
 
 
 def _read_yaml(p: Path) -> dict[str, Any]:
-    try:
-        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
-    except yaml.YAMLError as e:
-        raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    raw = read_yaml(p)
     if not isinstance(raw, dict):
         raise ConfigError(f"{p}: expected a mapping at the top level")
     return raw
