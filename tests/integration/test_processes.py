@@ -116,7 +116,8 @@ def test_fsdp_full_finetuning_matches_single_process_and_resumes(tmp_path: Path)
                               capture_output=True, text=True, env=ENV, timeout=300)
 
     one = train(config_from_dict(cfg("single", batch_size=4)))
-    (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(cfg("fsdp", batch_size=2, fsdp=True)))
+    # 2 processes x micro-batch 1 x accumulation 2 = the single process's batch of 4
+    (tmp_path / "fsdp.yaml").write_text(yaml.safe_dump(cfg("fsdp", batch_size=1, grad_accum=2, fsdp=True)))
     proc = torchrun(str(tmp_path / "fsdp.yaml"))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "sharded (FSDP2) across 2 processes" in proc.stdout
@@ -138,7 +139,7 @@ def test_fsdp_full_finetuning_matches_single_process_and_resumes(tmp_path: Path)
     shutil.rmtree(sharded / "model")
     (sharded / "state.json").unlink()
     shutil.copytree(sharded, tmp_path / "fsdp-then-one")
-    alone = load_config_for(tmp_path / "fsdp-then-one", "train.batch_size=4")  # the same global batch
+    alone = load_config_for(tmp_path / "fsdp-then-one", "train.batch_size=4", "train.grad_accum=1")  # same global batch
     train(alone, resume=True)
     assert max_diff(full_weights(one.run_dir / "model"), full_weights(tmp_path / "fsdp-then-one" / "model")) < 1e-5
     proc = torchrun("--resume", str(sharded))
