@@ -255,6 +255,19 @@ def test_dpo_job_on_openai_preference_format(server: Server, jobs_env: dict[str,
     assert b"preferred_output" in client.files.content(f.id).content
 
 
+def test_full_fine_tuning_job_succeeds_and_says_how_to_serve_it(server: Server, guide_job: dict[str, str]) -> None:
+    # finetune: full writes a whole model: this server (one base + adapters) cannot hot-swap it, and says so.
+    client = server.client()
+    job = client.fine_tuning.jobs.create(training_file=guide_job["train"], model=BASE, suffix="full",
+                                         extra_body={"tunelab": {"finetune": "full", "max_steps": 4, "save_every": 2}})
+    job = wait_status(client, job.id)
+    assert job.status == "succeeded", job.error
+    assert [c.step_number for c in client.fine_tuning.jobs.checkpoints.list(job.id)] == [4, 2]
+    warnings = [e.message for e in all_events(client, job.id) if "is a full fine-tuned model" in e.message]
+    assert any(m.startswith(f"{job.fine_tuned_model} is a full") and "tunelab serve --model" in m for m in warnings)
+    assert job.fine_tuned_model not in {m.id for m in client.models.list()}
+
+
 def test_a_crashing_training_process_fails_the_job_not_the_server(server: Server, guide_job: dict[str, str],
                                                                  jobs_env: dict[str, Path]) -> None:
     import os

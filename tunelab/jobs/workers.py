@@ -206,13 +206,22 @@ class WorkerPool:
         for row in self.store.jobs_in("succeeded", "running", "queued", "paused"):
             for ck_row in self.store.checkpoints_of(row["id"]):
                 self._serve(ck_row["model_name"], ck_row["path"], row)
-            if row["status"] == "succeeded" and row["fine_tuned_model"]:
-                self._serve(row["fine_tuned_model"], str(self.service.job_dir(row["id"]) / "run" / "adapter"), row)
+            if row["status"] == "succeeded" and row["fine_tuned_model"] and _weights(self.service.job_dir(row["id"])).is_dir():
+                self._serve(row["fine_tuned_model"], str(_weights(self.service.job_dir(row["id"]))), row)
 
     def _serve(self, name: str, path: str, row: RowMapping) -> None:
+        problem = self._try_serve(name, path, row)
+        if problem:
+            self.store.add_event(row["id"], problem, level="warn")
+
+    def _try_serve(self, name: str, path: str, row: RowMapping) -> str | None:
+        """Register a model with the engine; what went wrong, as an event message, or None."""
+        if not (Path(path) / "adapter_config.json").is_file() and (Path(path) / "config.json").is_file():
+            # finetune: full produces a whole model; this server holds one base model and swaps adapters.
+            return (f"{name} is a full fine-tuned model, not an adapter: serve it on its own with "
+                    f"`tunelab serve --model {path}`")
         err = self.service.register(name, path, row["owner"])
-        if err:
-            self.store.add_event(row["id"], f"Could not serve {name}: {err}", level="warn")
+        return f"Could not serve {name}: {err}" if err else None
 
     # ------------------------------------------------------------------ validation
     def _validator(self) -> None:
@@ -414,20 +423,20 @@ class WorkerPool:
     def _succeed(self, run: _Running, row: RowMapping, result: dict[str, Any], jdir: Path) -> None:
         job_id = row["id"]
         name = self.service.model_name(row)
-        adapter = jdir / "run" / "adapter"
+        weights = _weights(jdir)
         step = int(result.get("step") or row["step"])
         metrics = checkpoint_metrics(run.metrics_by_step, step)
-        self._add_checkpoint(row, step, adapter, metrics)
+        self._add_checkpoint(row, step, weights, metrics)
         csv_bytes = result_csv(jdir / "run" / "metrics.jsonl")
         result_id = self.service.add_result_file(row["owner"], "step_metrics.csv", csv_bytes)
-        err = self.service.register(name, str(adapter), row["owner"])
+        problem = self._try_serve(name, str(weights), row)  # before `succeeded`: a client may call it at once
         if not self.store.update_job(job_id, only_if_status=("running",), status="succeeded", finished_at=now(),
                                      fine_tuned_model=name, trained_tokens=int(result.get("tokens_seen") or 0),
                                      result_files=[result_id], estimated_finish=None, pid=None, step=step):
             return
         self.store.add_event(job_id, f"New fine-tuned model created: {name}")
-        if err:
-            self.store.add_event(job_id, f"Could not serve {name}: {err}", level="warn")
+        if problem:
+            self.store.add_event(job_id, problem, level="warn")
         self.store.add_event(job_id, "The job has successfully completed")
 
     # ------------------------------------------------------------------ harvesting
@@ -494,6 +503,12 @@ class WorkerPool:
                                                   step_number=step, model_name=name, metrics=metrics, path=str(path)))
             self.store.add_event(row["id"], f"Checkpoint created at step {step}: {name}", conn=c)
         self._serve(name, str(path), row)
+
+
+def _weights(job_dir: Path) -> Path:
+    """A finished run's trainable weights: its PEFT adapter, or the whole model for finetune: full."""
+    run = job_dir / "run"
+    return run / "adapter" if (run / "adapter").is_dir() else run / "model"
 
 
 def _wait_quietly(proc: subprocess.Popen[bytes], seconds: float) -> bool:
