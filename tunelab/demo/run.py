@@ -12,6 +12,7 @@
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -44,6 +45,11 @@ def _train(cfg: RunConfig, console: Any) -> Path:
     resume = out.exists() and not finished and bool(ckpt.list_checkpoints(out))
     if resume:
         console.print(f"resuming the interrupted demo run in {out}")
+    elif finished:
+        # A finished demo is somebody's results (and report): keep it beside the new one, never delete it.
+        kept = out.with_name(f"{out.name}.{time.strftime('%Y%m%d-%H%M%S', time.localtime(out.stat().st_mtime))}")
+        out.rename(kept)
+        console.print(f"the previous demo run is kept in {kept}")
     res = train(cfg, resume=resume, overwrite=not resume, console=console)
     return res.run_dir
 
