@@ -330,9 +330,7 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
     p = Path(path)
-    raw = read_yaml(p)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level")
+    raw = read_yaml(p, mapping=True)
     for k, v in parse_overrides(overrides or []):
         _set_dotted(raw, k, v)
     return config_from_dict(raw, str(p))

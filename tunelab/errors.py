@@ -7,6 +7,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import yaml
+
 
 class TunelabError(Exception):
     """An error caused by input or configuration; `exit_code` is what the CLI exits with."""
@@ -24,17 +26,19 @@ class ConfigError(TunelabError):
     exit_code = 2
 
 
-def read_yaml(path: str | Path, what: str = "config file") -> Any:
-    """A YAML file's content, or a ConfigError naming the file: missing, or not YAML (with yaml's line)."""
+def read_yaml(path: str | Path, what: str = "config file", mapping: bool = False) -> Any:
+    """A YAML file's content, or a ConfigError naming the file: missing, a directory, not YAML (with yaml's
+    line), or -- with `mapping` -- not a mapping at the top level."""
     p = Path(path)
     if not p.is_file():
         raise ConfigError(f"{p}: {what} not found" if not p.exists() else f"{p}: is a directory, not a {what}")
-    import yaml  # here, not at the top: the server's error path must stay light to import
-
     try:
-        return yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        raw = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
     except yaml.YAMLError as e:
         raise ConfigError(f"{p}: not valid YAML: {e}") from None
+    if mapping and not isinstance(raw, dict):
+        raise ConfigError(f"{p}: expected a mapping at the top level")
+    return raw
 
 
 @dataclass(frozen=True)

@@ -55,17 +55,10 @@ class EvalPlan:
     outputs: list[Path] = field(default_factory=list)
 
 
-def _read_yaml(p: Path) -> dict[str, Any]:
-    raw = read_yaml(p)
-    if not isinstance(raw, dict):
-        raise ConfigError(f"{p}: expected a mapping at the top level")
-    return raw
-
-
 def _split_config(p: Path) -> tuple[RunConfig, EvalConfig]:
     """A run config whose `eval:` section may hold keys the core RunConfig does not know yet: validate the
     eval keys with EvalConfig and pass the rest to the core validator."""
-    raw = _read_yaml(p)
+    raw: dict[str, Any] = read_yaml(p, mapping=True)
     ev_raw = raw.get("eval") or {}
     ev = eval_config_from_dict(ev_raw, str(p))
     core_eval = RunConfig.model_fields["eval"].annotation

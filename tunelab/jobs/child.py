@@ -112,18 +112,24 @@ def validate(job_dir: Path) -> dict[str, Any]:
     return out
 
 
-def export_checkpoint(ckpt: Path, weights: str, dest_root: Path) -> None:
-    """Copy a checkpoint's weights to JOB_DIR/checkpoints/step-N (atomically) as soon as it is written. The
-    training loop keeps only its last few checkpoints; every exported one stays servable. Done here, in the
-    training process before rotation, rather than by the server's poller, which a busy machine can make
-    miss a checkpoint that lived only a few steps."""
+def weights_in(folder: Path) -> Path:
+    """The trainable weights in a run or checkpoint folder: its PEFT `adapter`, or `model` for full fine-tuning."""
+    return folder / "adapter" if (folder / "adapter").is_dir() else folder / "model"
+
+
+def export_checkpoint(ckpt: Path, dest_root: Path) -> None:
+    """Copy a checkpoint's weights (its `adapter`, or `model` for full fine-tuning) to
+    JOB_DIR/checkpoints/step-N, atomically, as soon as it is written. The training loop keeps only its last
+    few checkpoints; every exported one stays servable. Done here, in the training process before rotation,
+    rather than by the server's poller, which a busy machine can make miss a checkpoint that lived only a few
+    steps."""
     dest = dest_root / ckpt.name
     if dest.exists():
         return
     dest_root.mkdir(parents=True, exist_ok=True)
     tmp = dest_root / (".tmp-" + ckpt.name)
     shutil.rmtree(tmp, ignore_errors=True)
-    shutil.copytree(ckpt / weights, tmp)
+    shutil.copytree(weights_in(ckpt), tmp)
     os.replace(tmp, dest)
 
 
@@ -132,9 +138,8 @@ def train_job(job_dir: Path) -> dict[str, Any]:
     from tunelab.train.run import train
 
     cfg = load_config(job_dir / "config.yaml")
-    weights = "adapter" if cfg.uses_adapter else "model"
     result = train(cfg, resume=True, console=None, show_progress=False,
-                   on_checkpoint=lambda ckpt: export_checkpoint(ckpt, weights, job_dir / "checkpoints"))
+                   on_checkpoint=lambda ckpt: export_checkpoint(ckpt, job_dir / "checkpoints"))
     return {"ok": True, "tokens_seen": result.state.tokens_seen, "step": result.state.step,
             "final_valid": result.final_valid}
 

@@ -32,7 +32,7 @@ from sqlalchemy import select
 from sqlalchemy.engine import RowMapping
 
 from tunelab.jobs import hyper
-from tunelab.jobs.child import export_checkpoint
+from tunelab.jobs.child import export_checkpoint, weights_in
 from tunelab.jobs.harvest import Cursor, checkpoint_metrics, read_metrics, result_csv
 from tunelab.jobs.service import JobsService
 from tunelab.jobs.store import checkpoints, jobs, new_id, now
@@ -206,8 +206,9 @@ class WorkerPool:
         for row in self.store.jobs_in("succeeded", "running", "queued", "paused"):
             for ck_row in self.store.checkpoints_of(row["id"]):
                 self._serve(ck_row["model_name"], ck_row["path"], row)
-            if row["status"] == "succeeded" and row["fine_tuned_model"] and _weights(self.service.job_dir(row["id"])).is_dir():
-                self._serve(row["fine_tuned_model"], str(_weights(self.service.job_dir(row["id"]))), row)
+            weights = weights_in(self.service.job_dir(row["id"]) / "run")
+            if row["status"] == "succeeded" and row["fine_tuned_model"] and weights.is_dir():
+                self._serve(row["fine_tuned_model"], str(weights), row)
 
     def _serve(self, name: str, path: str, row: RowMapping) -> None:
         problem = self._try_serve(name, path, row)
@@ -423,7 +424,7 @@ class WorkerPool:
     def _succeed(self, run: _Running, row: RowMapping, result: dict[str, Any], jdir: Path) -> None:
         job_id = row["id"]
         name = self.service.model_name(row)
-        weights = _weights(jdir)
+        weights = weights_in(jdir / "run")
         step = int(result.get("step") or row["step"])
         metrics = checkpoint_metrics(run.metrics_by_step, step)
         self._add_checkpoint(row, step, weights, metrics)
@@ -482,10 +483,9 @@ class WorkerPool:
             # committed but not yet exported -- the child was killed in between -- is exported here, once the
             # child is gone, so the two never write the same folder.
             for d in sorted(src_root.glob(CKPT_PREFIX + "*")):
-                weights = d / "adapter" if (d / "adapter").is_dir() else d / "model"
-                if (d / "state.json").exists() and weights.is_dir() and not (exported / d.name).exists():
+                if (d / "state.json").exists() and not (exported / d.name).exists():
                     try:
-                        export_checkpoint(d, weights.name, exported)
+                        export_checkpoint(d, exported)
                     except (OSError, shutil.Error):
                         continue
         if not exported.is_dir():
@@ -503,12 +503,6 @@ class WorkerPool:
                                                   step_number=step, model_name=name, metrics=metrics, path=str(path)))
             self.store.add_event(row["id"], f"Checkpoint created at step {step}: {name}", conn=c)
         self._serve(name, str(path), row)
-
-
-def _weights(job_dir: Path) -> Path:
-    """A finished run's trainable weights: its PEFT adapter, or the whole model for finetune: full."""
-    run = job_dir / "run"
-    return run / "adapter" if (run / "adapter").is_dir() else run / "model"
 
 
 def _wait_quietly(proc: subprocess.Popen[bytes], seconds: float) -> bool:

@@ -61,10 +61,10 @@ def _decoder_layers(model: Any) -> list[Any]:
     return list(layers)
 
 
-def _options(cpu_offload: bool = True, broadcast: bool = False) -> Any:
+def _options(cpu_offload: bool = True) -> Any:
     from torch.distributed.checkpoint.state_dict import StateDictOptions
 
-    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload, broadcast_from_rank0=broadcast)
+    return StateDictOptions(full_state_dict=True, cpu_offload=cpu_offload)
 
 
 def full_model_state(model: Any) -> dict[str, torch.Tensor]:
@@ -104,12 +104,6 @@ def saved_by_name(optimizer_state: dict[str, Any]) -> bool:
 
 def _raw(optimizer: Any) -> Any:
     return getattr(optimizer, "optimizer", optimizer)  # accelerate wraps it
-
-
-def local_value(t: Any) -> Any:
-    """A gradient norm or metric that may come back as a DTensor: its full value."""
-    full = getattr(t, "full_tensor", None)
-    return full() if full is not None else t
 
 
 def extra_eval_batches(n_items: int, world: int, batch_size: int, mine: int) -> int:

@@ -250,7 +250,7 @@ def train_step(ctx: LoopContext, mbs: list[list[Any]]) -> dict[str, float]:
     ctx.optimizer.zero_grad(set_to_none=True)
     out = reduce_sums(ctx, sums)
     if grad_norm is not None:
-        gn = float(fsdp.local_value(grad_norm))
+        gn = float(grad_norm)  # a DTensor under FSDP: float() gathers it
         if not math.isfinite(gn):
             raise NonFiniteLoss(ctx.state.step + 1, what="gradient norm")
         out["grad_norm"] = gn

@@ -281,7 +281,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
 def _finish(ctx: LoopContext) -> RunResult:
     st, run_dir = ctx.state, ctx.run_dir
     ctx.accelerator.wait_for_everyone()
-    weights = None if st.stopped_early else ctx.gathered_weights()
+    weights = ctx.gathered_weights()  # collective: every process, whichever weights rank 0 ends up writing
     if ctx.is_main:
         out = run_dir / ctx.weights_name
         best = run_dir / "best" / ctx.weights_name
