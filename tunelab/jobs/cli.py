@@ -32,7 +32,9 @@ def serve_jobs_command(
     adapter: list[str] = typer.Option([], "--adapter", help="Also serve an adapter: NAME=PATH (repeatable)."),
     max_loaded_adapters: int = typer.Option(8, help="Adapters kept in memory; least recently used leave first."),
     api_key: list[str] = typer.Option([], "--api-key", help="Accept this bearer key (repeatable)."),
-    api_keys_file: Path | None = typer.Option(None, "--api-keys-file", help="File of keys: 'KEY [OWNER]' per line."),
+    api_keys_file: Path | None = typer.Option(None, "--api-keys-file",
+                                              help="File of keys: 'KEY [OWNER [admin]]' per line."),
+    admin_key: list[str] = typer.Option([], "--admin-key", help="Also accept this key, as an admin (/health details)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on (0 picks a free one)."),
     shutdown_timeout: int = typer.Option(30, help="Seconds in-flight requests get to finish after SIGTERM."),
@@ -48,13 +50,14 @@ def serve_jobs_command(
     from tunelab.engine.engine import Engine
     from tunelab.jobs.app import build_jobs_app
     from tunelab.jobs.service import JobsSettings
-    from tunelab.server import ServerSettings, load_api_keys
+    from tunelab.server import ServerSettings, load_admin_keys, load_api_keys
     from tunelab.server.run import serve
 
     sets = parse_overrides(set_)
-    keys = load_api_keys(api_key, api_keys_file)
+    keys = load_api_keys(api_key, api_keys_file, admin_key)
     # Uploads bypass the server's in-memory body guard and stream to disk (multipart overhead on top of the file).
-    settings = ServerSettings(api_keys=keys, max_request_bytes=max_request_bytes, streamed_paths=("/v1/files",),
+    admins = load_admin_keys(api_keys_file, admin_key)
+    settings = ServerSettings(api_keys=keys, admin_keys=admins, max_request_bytes=max_request_bytes, streamed_paths=("/v1/files",),
                               max_streamed_bytes=max_upload_bytes + 65536)
     typer.echo(f"loading {model} ...")
     engine = Engine.from_pretrained(model, dtype=dtype, device=device, served_model_name=served_model_name,
