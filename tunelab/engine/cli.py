@@ -57,6 +57,9 @@ def serve_command(
     workers: int = typer.Option(1, "--workers", min=1, help="With --data-dir: jobs trained at once (a child process each)."),
     database_url: str | None = typer.Option(None, "--database-url", help="With --data-dir: SQLAlchemy URL (default SQLite)."),
     max_upload_bytes: int = typer.Option(512 * 1024 * 1024, help="With --data-dir: largest uploaded file."),
+    max_jobs_per_owner: int = typer.Option(4, min=1, help="With --data-dir: jobs one owner may have validating, queued or running."),
+    max_files_per_owner: int = typer.Option(100, min=1, help="With --data-dir: files one owner may store."),
+    max_bytes_per_owner: int = typer.Option(10 * 1024**3, min=1, help="With --data-dir: bytes of files one owner may store."),
 ) -> None:
     """Serve the base model and its adapters over an OpenAI-compatible API (and, with --data-dir, fine-tuning jobs)."""
     from tunelab.engine.engine import Engine
@@ -85,7 +88,9 @@ def serve_command(
 
         served = tuple(dict.fromkeys([engine.base_model_name, model]))
         jobs = JobsSettings(data_dir=data_dir.resolve(), base_model=model, served_names=served,
-                            max_upload_bytes=max_upload_bytes, server_sets=[])
+                            max_upload_bytes=max_upload_bytes, max_jobs_per_owner=max_jobs_per_owner,
+                            max_files_per_owner=max_files_per_owner, max_bytes_per_owner=max_bytes_per_owner,
+                            server_sets=[])
         app = build_jobs_app(engine, settings, jobs, workers=workers, database=database_url)
 
     def announce(url: str) -> None:

@@ -28,6 +28,9 @@ def serve_jobs_command(
     database_url: str | None = typer.Option(None, "--database-url",
                                             help="SQLAlchemy URL (default: SQLite in --data-dir)."),
     max_upload_bytes: int = typer.Option(512 * 1024 * 1024, help="Largest uploaded file."),
+    max_jobs_per_owner: int = typer.Option(4, min=1, help="Jobs one owner may have validating, queued or running."),
+    max_files_per_owner: int = typer.Option(100, min=1, help="Files one owner may store."),
+    max_bytes_per_owner: int = typer.Option(10 * 1024**3, min=1, help="Bytes of files one owner may store."),
     set_: list[str] = typer.Option([], "--set", help="Override every job's config: key=value (e.g. train.max_steps=50)."),
     adapter: list[str] = typer.Option([], "--adapter", help="Also serve an adapter: NAME=PATH (repeatable)."),
     max_loaded_adapters: int = typer.Option(8, help="Adapters kept in memory; least recently used leave first."),
@@ -65,7 +68,9 @@ def serve_jobs_command(
                                     max_loaded_adapters=max_loaded_adapters)
     names = tuple(dict.fromkeys([engine.base_model_name, model]))
     jobs_settings = JobsSettings(data_dir=data_dir.resolve(), base_model=model, served_names=names,
-                                 max_upload_bytes=max_upload_bytes, server_sets=sets)
+                                 max_upload_bytes=max_upload_bytes, max_jobs_per_owner=max_jobs_per_owner,
+                                 max_files_per_owner=max_files_per_owner, max_bytes_per_owner=max_bytes_per_owner,
+                                 server_sets=sets)
     app = build_jobs_app(engine, settings, jobs_settings, workers=workers, database=database_url)
 
     def announce(url: str) -> None:

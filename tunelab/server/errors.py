@@ -70,14 +70,22 @@ def internal_error(detail: str, *, code: str = "internal_error", exc: BaseExcept
                     code=code, headers={"X-Request-Id": rid})
 
 
+_BRANCHES = {"int", "float", "str", "bool", "list", "dict", "none", "is-instance"}
+
+
+def _branch_tag(part: object) -> bool:
+    return isinstance(part, str) and (part in _BRANCHES or "[" in part)
+
+
 def _validation_message(exc: RequestValidationError) -> tuple[str, str | None]:
     errors = exc.errors()
     if not errors:
         return "invalid request", None
     first = errors[0]
-    loc = [str(p) for p in first.get("loc", ()) if p != "body"]
+    # Drop "body" and pydantic's union-branch tags ("int", "literal['auto']", "function-after[...]").
+    loc = [str(p) for p in first.get("loc", ()) if p != "body" and not _branch_tag(p)]
     param = ".".join(loc) or None
-    msg = first.get("msg", "invalid value")
+    msg = str(first.get("msg", "invalid value")).removeprefix("Value error, ")
     if first.get("type") == "json_invalid":
         return "the request body is not valid JSON", None
     return (f"{param}: {msg}" if param else msg), param
