@@ -190,8 +190,8 @@ def tunelab_options(req: JobCreate) -> TunelabOptions:
         return TunelabOptions.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        name = ".".join(str(p) for p in err["loc"])
-        msg = "unknown tunelab option" if err["type"] == "extra_forbidden" else err["msg"]
+        name = ".".join(str(p) for p in err["loc"][:1])  # the option, not pydantic's union branch
+        msg = "unknown tunelab option" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         raise OptionError(f"tunelab option {name!r}: {msg}", param=f"tunelab.{name}") from None
 
 

@@ -265,12 +265,12 @@ class JobsService:
         job_id = new_id("ftjob-")
         jdir = self.job_dir(job_id)
         try:
+            opts = hyper.tunelab_options(req)
+            hyper.check_against_model(opts, self.settings.module_names, self.settings.context_length)
             # Resolve once with a placeholder size: every option error surfaces now, as a 400, not later.
             hyper.build_config(base_model=self.settings.base_model, train_path="train.jsonl",
                                valid_path="valid.jsonl" if valid else None, output_dir=str(jdir / "run"), req=req,
                                n_examples=100, server_sets=self.settings.server_sets)
-            opts = hyper.tunelab_options(req)
-            hyper.check_against_model(opts, self.settings.module_names, self.settings.context_length)
             options = opts.model_dump(exclude_none=True)
         except hyper.OptionError as e:
             raise APIError(400, e.message, param=e.param, code="invalid_value") from None
