@@ -105,8 +105,9 @@ class JobsService:
         self.register = register or (lambda name, path, owner: None)
         self._owner_locks: dict[str, threading.Lock] = {}
         self._locks_lock = threading.Lock()
-        (settings.data_dir / "files").mkdir(parents=True, exist_ok=True)
-        (settings.data_dir / "jobs").mkdir(parents=True, exist_ok=True)
+        # Owners' data: readable by the server's user alone when we create the folders (see docs/security.md).
+        (settings.data_dir / "files").mkdir(mode=0o700, parents=True, exist_ok=True)
+        (settings.data_dir / "jobs").mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def _owner_lock(self, owner: str) -> threading.Lock:
         with self._locks_lock:
