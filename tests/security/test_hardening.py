@@ -125,6 +125,60 @@ def test_item1_a_failing_row_fails_alone_and_every_row_ends(monkeypatch: pytest.
         engine.close()
 
 
+def test_item1_a_failed_forward_ends_every_row_it_covered(tok: Any) -> None:
+    """The batch's forward pass fails after a row joined: the rows that were running, the joiner included, all
+    get an error at once (none waits forever), and the message carries no exception text."""
+    import asyncio
+
+    from tunelab.engine.batch import Sequence, run_batch
+    from tunelab.engine.types import EngineError, GenerationRequest, SamplingParams
+
+    model = tiny_model()
+    calls = {"decode": 0}
+
+    def flaky(**kw: Any) -> Any:
+        if kw["input_ids"].shape[1] == 1:
+            calls["decode"] += 1
+            if calls["decode"] >= 4:
+                raise RuntimeError("SECRET forward failure")
+        return model(**kw)
+
+    async def scenario() -> list[Any]:
+        loop = asyncio.get_running_loop()
+
+        def seq(text: str) -> Sequence:
+            req = GenerationRequest(BASE, SamplingParams(max_tokens=50, temperature=0), prompt=text, request_id=text)
+            return Sequence(req, list(tok(text)["input_ids"]), None, loop, asyncio.Queue())
+
+        first, joiner = seq("first"), seq("joiner")
+        admitted: list[Sequence] = []
+
+        def admit(running: list[Sequence]) -> list[Sequence]:
+            if admitted:
+                return []
+            admitted.append(joiner)
+            return [joiner]
+
+        worker = loop.run_in_executor(None, lambda: run_batch(flaky, [first], forward_kwargs=lambda rows: {},
+                                                              decode=lambda ids: "x" * len(ids), eos_ids=set(),
+                                                              pad_id=0, device=torch.device("cpu"), admit=admit))
+
+        async def last(s: Sequence) -> Any:
+            while True:
+                item = await asyncio.wait_for(s.queue.get(), timeout=30)
+                if isinstance(item, EngineError) or item.finish_reason:
+                    return item
+
+        results = await asyncio.gather(last(first), last(joiner))
+        await worker
+        return results
+
+    with torch.inference_mode():
+        ends = asyncio.run(scenario())
+    assert all(isinstance(e, EngineError) and e.code == "generation_failed" for e in ends), ends
+    assert all("SECRET" not in e.message for e in ends)
+
+
 # ---------------------------------------------------------------------------------------------- item 2
 def test_item2_health_details_only_for_admins_and_never_other_owners(live: Live, tmp_path: Path) -> None:
     for key in (ALICE, BOB):
