@@ -18,6 +18,8 @@ from pathlib import Path
 import httpx
 from serve_common import ServeProcess, make_adapters, percentile, table
 
+ADMIN_KEY = "sk-bench-admin"
+
 
 async def load(url: str, names: list[str], requests: int, concurrency: int, max_tokens: int) -> dict[str, float]:
     latencies: list[float] = []
@@ -44,7 +46,9 @@ async def load(url: str, names: list[str], requests: int, concurrency: int, max_
                 failures.append(repr(e))
 
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(timeout=1800, limits=limits) as http:
+    # An admin key: /health's engine counters are for admin keys only.
+    auth = {"Authorization": f"Bearer {ADMIN_KEY}"}
+    async with httpx.AsyncClient(timeout=1800, limits=limits, headers=auth) as http:
         start = time.perf_counter()
         await asyncio.gather(*(client(http) for _ in range(concurrency)))
         wall = time.perf_counter() - start
@@ -68,7 +72,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         names = make_adapters(args.model, Path(tmp), args.adapters, dtype=args.dtype)
         server = ServeProcess(["--model", args.model, "--adapters-dir", tmp, "--dtype", args.dtype,
-                               "--max-loaded-adapters", str(args.adapters)])
+                               "--max-loaded-adapters", str(args.adapters), "--admin-key", ADMIN_KEY])
         try:
             result = asyncio.run(load(server.url, names, args.requests, args.concurrency, args.max_tokens))
         finally:

@@ -182,9 +182,14 @@ def test_request_size_limit_413(client: TestClient) -> None:
     assert r.status_code == 413
 
 
-def test_health(client: TestClient) -> None:
+def test_health(client: TestClient, engine: FakeEngine) -> None:
     r = client.get("/health")
-    assert r.status_code == 200 and r.json()["status"] == "ok" and r.json()["model"] == "fake-base"
+    assert r.status_code == 200 and r.json() == {"status": "ok"}  # no details without an admin key
+    admin = TestClient(create_app(engine, ServerSettings(api_keys={"sk-adm": "admin", "sk-u": "u"},
+                                                         admin_keys=frozenset({"sk-adm"}))))
+    assert admin.get("/health", headers={"Authorization": "Bearer sk-u"}).json() == {"status": "ok"}
+    r = admin.get("/health", headers={"Authorization": "Bearer sk-adm"})
+    assert r.json()["model"] == "fake-base" and "engine" in r.json()
 
 
 def test_api_keys_guard_every_route_and_name_the_owner(engine: FakeEngine) -> None:

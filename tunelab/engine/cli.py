@@ -36,7 +36,9 @@ def serve_command(
     max_batch_size: int = typer.Option(32, help="Most sequences generated in one forward pass."),
     merge: str | None = typer.Option(None, "--merge", help="Fold this adapter into the weights and serve only it."),
     api_key: list[str] = typer.Option([], "--api-key", help="Accept this bearer key (repeatable)."),
-    api_keys_file: Path | None = typer.Option(None, "--api-keys-file", help="File of keys: 'KEY [OWNER]' per line."),
+    api_keys_file: Path | None = typer.Option(None, "--api-keys-file",
+                                              help="File of keys: 'KEY [OWNER [admin]]' per line."),
+    admin_key: list[str] = typer.Option([], "--admin-key", help="Also accept this key, as an admin (/health details)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on (0 picks a free one)."),
     shutdown_timeout: int = typer.Option(30, help="Seconds in-flight requests get to finish after SIGTERM."),
@@ -55,17 +57,21 @@ def serve_command(
     workers: int = typer.Option(1, "--workers", min=1, help="With --data-dir: jobs trained at once (a child process each)."),
     database_url: str | None = typer.Option(None, "--database-url", help="With --data-dir: SQLAlchemy URL (default SQLite)."),
     max_upload_bytes: int = typer.Option(512 * 1024 * 1024, help="With --data-dir: largest uploaded file."),
+    max_jobs_per_owner: int = typer.Option(4, min=1, help="With --data-dir: jobs one owner may have validating, queued or running."),
+    max_files_per_owner: int = typer.Option(100, min=1, help="With --data-dir: files one owner may store."),
+    max_bytes_per_owner: int = typer.Option(10 * 1024**3, min=1, help="With --data-dir: bytes of files one owner may store."),
 ) -> None:
     """Serve the base model and its adapters over an OpenAI-compatible API (and, with --data-dir, fine-tuning jobs)."""
     from tunelab.engine.engine import Engine
-    from tunelab.server import ServerSettings, create_app, load_api_keys
+    from tunelab.server import ServerSettings, create_app, load_admin_keys, load_api_keys
     from tunelab.server.run import serve
 
     adapters = dict(parse_adapter_option(a) for a in adapter)
-    keys = load_api_keys(api_key, api_keys_file)
+    keys = load_api_keys(api_key, api_keys_file, admin_key)
     # File uploads bypass the in-memory body guard and stream to disk (multipart overhead on top of the file).
     streamed = ("/v1/files",) if data_dir is not None else ()
-    settings = ServerSettings(api_keys=keys, max_tokens_limit=max_tokens_limit, max_n=max_n,
+    admins = load_admin_keys(api_keys_file, admin_key)
+    settings = ServerSettings(api_keys=keys, admin_keys=admins, max_tokens_limit=max_tokens_limit, max_n=max_n,
                               max_request_bytes=max_request_bytes, streamed_paths=streamed,
                               max_streamed_bytes=max_upload_bytes + 65536)
     typer.echo(f"loading {model} ...")
@@ -82,7 +88,9 @@ def serve_command(
 
         served = tuple(dict.fromkeys([engine.base_model_name, model]))
         jobs = JobsSettings(data_dir=data_dir.resolve(), base_model=model, served_names=served,
-                            max_upload_bytes=max_upload_bytes, server_sets=[])
+                            max_upload_bytes=max_upload_bytes, max_jobs_per_owner=max_jobs_per_owner,
+                            max_files_per_owner=max_files_per_owner, max_bytes_per_owner=max_bytes_per_owner,
+                            server_sets=[])
         app = build_jobs_app(engine, settings, jobs, workers=workers, database=database_url)
 
     def announce(url: str) -> None:

@@ -12,12 +12,15 @@ import torch
 
 from tunelab.engine.types import SamplingParams
 
+SEED_SPACE = 2**64  # what torch.Generator.manual_seed accepts (as an unsigned 64-bit number)
+
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     if params.temperature == 0:
         return None
     g = torch.Generator(device=device)
-    g.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+    # The server bounds seeds; other callers' seeds are folded into torch's range rather than raising mid-batch.
+    g.manual_seed(params.seed % SEED_SPACE if params.seed is not None else secrets.randbits(63))
     return g
 
 
@@ -40,7 +43,12 @@ def pick_tokens(
     for i, (sp, gen) in enumerate(zip(params, generators, strict=True)):
         if sp.temperature == 0 or gen is None:
             continue
-        probs = torch.softmax(logits[i].float() / sp.temperature, dim=-1)
-        probs = top_p_filter(probs, sp.top_p)
-        picks[i] = int(torch.multinomial(probs, 1, generator=gen).item())
+        picks[i] = sample_row(logits[i], sp, gen)
     return picks
+
+
+def sample_row(logits: torch.Tensor, sp: SamplingParams, gen: torch.Generator) -> int:
+    """One sampling row's next token from its (vocab,) logits."""
+    probs = torch.softmax(logits.float() / sp.temperature, dim=-1)
+    probs = top_p_filter(probs, sp.top_p)
+    return int(torch.multinomial(probs, 1, generator=gen).item())

@@ -8,12 +8,14 @@ Model isolation: the server's chat/completions/models routes take their serving 
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any
 
 from fastapi import Depends, FastAPI, Request, Response
 
 from tunelab.engine.types import EngineError, InferenceEngine
+from tunelab.jobs import hyper
 from tunelab.jobs.routes import router
 from tunelab.jobs.service import JobsService, JobsSettings
 from tunelab.jobs.store import Store, database_url
@@ -65,6 +67,7 @@ def build_jobs_app(
     engine: InferenceEngine, server_settings: ServerSettings, settings: JobsSettings, *, workers: int = 1,
     database: str | None = None,
 ) -> FastAPI:
+    settings = _with_model_facts(settings, engine)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     store = Store(database_url(settings.data_dir, database))
 
@@ -89,6 +92,15 @@ def build_jobs_app(
     app.dependency_overrides[get_serving] = _scoped_serving
     app.router.on_startup.append(_starter(pool))
     return app
+
+
+def _with_model_facts(settings: JobsSettings, engine: InferenceEngine) -> JobsSettings:
+    """What job options are checked against when a job is created: the base's layer names and context."""
+    layers = getattr(engine, "_layer_shapes", None) or {}  # the real Engine's layer table; a fake engine has none
+    base = next((m for m in engine.list_models() if m.id == engine.base_model_name), None)
+    return dataclasses.replace(
+        settings, module_names=settings.module_names or hyper.module_suffixes(list(layers)),
+        context_length=settings.context_length or (base.max_model_len if base is not None else None))
 
 
 def _starter(pool: WorkerPool) -> Any:

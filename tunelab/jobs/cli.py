@@ -28,11 +28,16 @@ def serve_jobs_command(
     database_url: str | None = typer.Option(None, "--database-url",
                                             help="SQLAlchemy URL (default: SQLite in --data-dir)."),
     max_upload_bytes: int = typer.Option(512 * 1024 * 1024, help="Largest uploaded file."),
+    max_jobs_per_owner: int = typer.Option(4, min=1, help="Jobs one owner may have validating, queued or running."),
+    max_files_per_owner: int = typer.Option(100, min=1, help="Files one owner may store."),
+    max_bytes_per_owner: int = typer.Option(10 * 1024**3, min=1, help="Bytes of files one owner may store."),
     set_: list[str] = typer.Option([], "--set", help="Override every job's config: key=value (e.g. train.max_steps=50)."),
     adapter: list[str] = typer.Option([], "--adapter", help="Also serve an adapter: NAME=PATH (repeatable)."),
     max_loaded_adapters: int = typer.Option(8, help="Adapters kept in memory; least recently used leave first."),
     api_key: list[str] = typer.Option([], "--api-key", help="Accept this bearer key (repeatable)."),
-    api_keys_file: Path | None = typer.Option(None, "--api-keys-file", help="File of keys: 'KEY [OWNER]' per line."),
+    api_keys_file: Path | None = typer.Option(None, "--api-keys-file",
+                                              help="File of keys: 'KEY [OWNER [admin]]' per line."),
+    admin_key: list[str] = typer.Option([], "--admin-key", help="Also accept this key, as an admin (/health details)."),
     host: str = typer.Option("127.0.0.1", help="Address to listen on."),
     port: int = typer.Option(8000, help="Port to listen on (0 picks a free one)."),
     shutdown_timeout: int = typer.Option(30, help="Seconds in-flight requests get to finish after SIGTERM."),
@@ -48,13 +53,14 @@ def serve_jobs_command(
     from tunelab.engine.engine import Engine
     from tunelab.jobs.app import build_jobs_app
     from tunelab.jobs.service import JobsSettings
-    from tunelab.server import ServerSettings, load_api_keys
+    from tunelab.server import ServerSettings, load_admin_keys, load_api_keys
     from tunelab.server.run import serve
 
     sets = parse_overrides(set_)
-    keys = load_api_keys(api_key, api_keys_file)
+    keys = load_api_keys(api_key, api_keys_file, admin_key)
     # Uploads bypass the server's in-memory body guard and stream to disk (multipart overhead on top of the file).
-    settings = ServerSettings(api_keys=keys, max_request_bytes=max_request_bytes, streamed_paths=("/v1/files",),
+    admins = load_admin_keys(api_keys_file, admin_key)
+    settings = ServerSettings(api_keys=keys, admin_keys=admins, max_request_bytes=max_request_bytes, streamed_paths=("/v1/files",),
                               max_streamed_bytes=max_upload_bytes + 65536)
     typer.echo(f"loading {model} ...")
     engine = Engine.from_pretrained(model, dtype=dtype, device=device, served_model_name=served_model_name,
@@ -62,7 +68,9 @@ def serve_jobs_command(
                                     max_loaded_adapters=max_loaded_adapters)
     names = tuple(dict.fromkeys([engine.base_model_name, model]))
     jobs_settings = JobsSettings(data_dir=data_dir.resolve(), base_model=model, served_names=names,
-                                 max_upload_bytes=max_upload_bytes, server_sets=sets)
+                                 max_upload_bytes=max_upload_bytes, max_jobs_per_owner=max_jobs_per_owner,
+                                 max_files_per_owner=max_files_per_owner, max_bytes_per_owner=max_bytes_per_owner,
+                                 server_sets=sets)
     app = build_jobs_app(engine, settings, jobs_settings, workers=workers, database=database_url)
 
     def announce(url: str) -> None:

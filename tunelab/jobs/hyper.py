@@ -16,11 +16,13 @@ tunelab's own options travel in `extra_body={"tunelab": {...}}` or as `metadata`
 
 from __future__ import annotations
 
+import json
 import math
+import string
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from tunelab.config import RunConfig, config_from_dict
 from tunelab.errors import ConfigError
@@ -29,10 +31,45 @@ Auto = Literal["auto"]
 
 BASE_LR = {"lora": 2e-4, "qlora": 2e-4, "dora": 2e-4, "full": 2e-5}
 MAX_SUFFIX = 64
+MAX_LR = 1e-2
+SUFFIX_CHARS = frozenset(string.ascii_letters + string.digits + "-_.")
+MODULE_CHARS = frozenset(string.ascii_letters + string.digits + "_.")
+
+# name -> (low, high, low is excluded, why): every number a request may set, and the reason for its bounds.
+RANGES: dict[str, tuple[float, float, bool, str]] = {
+    "n_epochs": (1, 50, False, "more epochs only memorise the training file"),
+    "batch_size": (1, 256, False, "OpenAI's largest batch size"),
+    "learning_rate_multiplier": (0, 10, True, "10x tunelab's base rate (2e-4 LoRA, 2e-5 full) already diverges"),
+    "beta": (0, 10, True, "DPO's beta is usually 0.01-0.5; larger values ignore the preference data"),
+    "lora_r": (1, 1024, False, "a rank past 1024 is larger than the layers it adapts"),
+    "lora_alpha": (0, 4096, True, "alpha/r scales the update; past 4096 it swamps the base weights"),
+    "lora_dropout": (0, 0.9, False, "a dropout near 1 drops the whole update"),
+    "max_seq_len": (8, 1_048_576, False, "and at most the base model's context"),
+    "max_steps": (1, 1_000_000, False, "a job of a million optimizer steps is a mistake"),
+    "save_every": (1, 1_000_000, False, "steps between checkpoints"),
+    "eval_every": (1, 1_000_000, False, "steps between validation runs"),
+    "micro_batch_size": (1, 256, False, "the largest batch_size"),
+    "learning_rate": (0, MAX_LR, True, "rates past 1e-2 diverge for every kind of fine-tuning"),
+    "warmup_ratio": (0, 0.9, False, "the share of steps spent warming up"),
+}
+
+
+def _in_range(v: Any, info: ValidationInfo) -> Any:
+    bounds = RANGES.get(info.field_name or "")
+    if bounds is None or v is None or isinstance(v, str):
+        return v
+    lo, hi, lo_open, why = bounds
+    if not math.isfinite(v) or v > hi or (v <= lo if lo_open else v < lo):
+        shown = f"{'(' if lo_open else '['}{lo:g}, {hi:g}]"
+        raise ValueError(f"must be in {shown}: {why}; got {v!r}")
+    return v
 
 
 class _Req(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    # Strict: no bools for numbers, no strings for bools or numbers (`n_epochs: true` is refused, not 1).
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    _range = field_validator("*")(_in_range)
 
 
 class Hyperparameters(_Req):
@@ -40,27 +77,6 @@ class Hyperparameters(_Req):
     batch_size: int | Auto | None = None
     learning_rate_multiplier: float | Auto | None = None
     beta: float | Auto | None = None  # dpo only
-
-    @field_validator("n_epochs")
-    @classmethod
-    def _epochs(cls, v: Any) -> Any:
-        if isinstance(v, int) and not 1 <= v <= 50:
-            raise ValueError("must be between 1 and 50")
-        return v
-
-    @field_validator("batch_size")
-    @classmethod
-    def _batch(cls, v: Any) -> Any:
-        if isinstance(v, int) and not 1 <= v <= 256:
-            raise ValueError("must be between 1 and 256")
-        return v
-
-    @field_validator("learning_rate_multiplier", "beta")
-    @classmethod
-    def _positive(cls, v: Any) -> Any:
-        if isinstance(v, float) and not v > 0:
-            raise ValueError("must be greater than 0")
-        return v
 
 
 class _MethodHyper(_Req):
@@ -78,29 +94,40 @@ class TunelabOptions(_Req):
     """tunelab's own knobs, beyond OpenAI's. Every field is optional; unset ones keep tunelab's defaults."""
 
     finetune: Literal["lora", "qlora", "dora", "full"] | None = None
-    lora_r: int | None = Field(None, ge=1, le=1024)
-    lora_alpha: float | None = Field(None, gt=0)
-    lora_dropout: float | None = Field(None, ge=0, lt=1)
-    target_modules: list[str] | Literal["all-linear"] | None = None
-    max_seq_len: int | None = Field(None, ge=8)
-    max_steps: int | None = Field(None, ge=1)
-    save_every: int | None = Field(None, ge=1)
-    eval_every: int | None = Field(None, ge=1)
-    micro_batch_size: int | None = Field(None, ge=1, le=256)
-    learning_rate: float | None = Field(None, gt=0)
+    lora_r: int | None = None
+    lora_alpha: float | None = None
+    lora_dropout: float | None = None
+    target_modules: list[str] | Literal["all-linear"] | None = Field(None, max_length=64)
+    max_seq_len: int | None = None
+    max_steps: int | None = None
+    save_every: int | None = None
+    eval_every: int | None = None
+    micro_batch_size: int | None = None
+    learning_rate: float | None = None
     """Absolute base learning rate (the multiplier still applies)."""
-    warmup_ratio: float | None = Field(None, ge=0, lt=1)
+    warmup_ratio: float | None = None
     schedule: Literal["cosine", "linear", "constant"] | None = None
     packing: bool | None = None
     train_on: Literal["assistant", "all", "last_assistant"] | None = None
     gradient_checkpointing: bool | None = None
     early_stopping: bool | None = None
 
+    @field_validator("target_modules")
+    @classmethod
+    def _modules(cls, v: Any) -> Any:
+        if isinstance(v, list):
+            if not v:
+                raise ValueError("give at least one module name, or 'all-linear'")
+            for name in v:
+                if not name or len(name) > 200 or not set(name) <= MODULE_CHARS or ".." in name:
+                    raise ValueError(f"{name[:200]!r} is not a module name (letters, digits, '_' and '.')")
+        return v
+
 
 class JobCreate(_Req):
-    model: str
-    training_file: str
-    validation_file: str | None = None
+    model: str = Field(min_length=1, max_length=512)
+    training_file: str = Field(min_length=1, max_length=64)
+    validation_file: str | None = Field(None, min_length=1, max_length=64)
     hyperparameters: Hyperparameters | None = None
     suffix: str | None = Field(None, max_length=MAX_SUFFIX)
     seed: int | None = Field(None, ge=0, le=2**31 - 1)
@@ -124,8 +151,9 @@ class JobCreate(_Req):
     @field_validator("suffix")
     @classmethod
     def _suffix(cls, v: str | None) -> str | None:
-        if v is not None and (not v or any(not (c.isalnum() or c in "-_.") for c in v)):
-            raise ValueError("use letters, digits, '-', '_' and '.' only")
+        # It becomes part of a model name (and of nothing on disk): ASCII only, no '..', no ':' separators.
+        if v is not None and (not v or not set(v) <= SUFFIX_CHARS or ".." in v):
+            raise ValueError("use ASCII letters, digits, '-', '_' and '.' only (no '..')")
         return v
 
 
@@ -155,19 +183,32 @@ def tunelab_options(req: JobCreate) -> TunelabOptions:
     raw: dict[str, Any] = {}
     for k, v in (req.metadata or {}).items():
         if k.startswith("tunelab."):
-            try:
-                raw[k.removeprefix("tunelab.")] = yaml.safe_load(v) if v != "" else None
-            except yaml.YAMLError:
-                raw[k.removeprefix("tunelab.")] = v
+            raw[k.removeprefix("tunelab.")] = _scalar(v)
     if req.tunelab is not None:
         raw.update(req.tunelab.model_dump(exclude_none=True))
     try:
         return TunelabOptions.model_validate(raw)
     except ValidationError as e:
         err = e.errors()[0]
-        name = ".".join(str(p) for p in err["loc"])
-        msg = "unknown tunelab option" if err["type"] == "extra_forbidden" else err["msg"]
+        name = ".".join(str(p) for p in err["loc"][:1])  # the option, not pydantic's union branch
+        msg = "unknown tunelab option" if err["type"] == "extra_forbidden" else err["msg"].removeprefix("Value error, ")
         raise OptionError(f"tunelab option {name!r}: {msg}", param=f"tunelab.{name}") from None
+
+
+def _scalar(text: str) -> Any:
+    """A metadata value as JSON (1e-4, true, 8), else YAML (a flow list `[q_proj, v_proj]`), else the string.
+    YAML 1.1's yes/no/on/off stay strings, so the strict check refuses them as booleans."""
+    if text == "":
+        return None
+    try:
+        return json.loads(text)
+    except ValueError:
+        pass
+    try:
+        value = yaml.safe_load(text)
+    except yaml.YAMLError:
+        return text
+    return text if isinstance(value, bool) or value is None else value
 
 
 # ---------------------------------------------------------------------------------------------- auto rules
@@ -226,6 +267,10 @@ def build_config(
     _set(raw, "train.epochs", epochs)
     _set(raw, "train.batch_size", micro)
     _set(raw, "train.grad_accum", accum)
+    if base_lr * mult > MAX_LR:
+        raise OptionError(f"the learning rate comes to {base_lr * mult:g} (base {base_lr:g} x multiplier {mult:g}), "
+                          f"above {MAX_LR:g}, where every kind of fine-tuning diverges",
+                          param="hyperparameters.learning_rate_multiplier")
     _set(raw, "train.lr", base_lr * mult)
     if req.seed is not None:
         _set(raw, "train.seed", req.seed)
@@ -268,6 +313,30 @@ def build_config(
     if mtype == "dpo":
         resolved["beta"] = cfg.dpo.beta
     return cfg, resolved
+
+
+def module_suffixes(layer_names: list[str] | tuple[str, ...] | set[str]) -> frozenset[str]:
+    """Every name `target_modules` may use for these layers: PEFT matches a name against a layer's full
+    name or any dotted tail of it (`q_proj`, `self_attn.q_proj`, `model.layers.0.self_attn.q_proj`)."""
+    out: set[str] = set()
+    for full in layer_names:
+        parts = full.split(".")
+        out.update(".".join(parts[i:]) for i in range(len(parts)))
+    return frozenset(out)
+
+
+def check_against_model(opts: TunelabOptions, module_names: frozenset[str], context: int | None) -> None:
+    """What the request schema cannot know: whether the options fit the base model being fine-tuned."""
+    if isinstance(opts.target_modules, list) and module_names:
+        unknown = [m for m in opts.target_modules if m not in module_names]
+        if unknown:
+            leaves = sorted({n.rsplit(".", 1)[-1] for n in module_names if not n[:1].isdigit()})
+            raise OptionError(f"tunelab option 'target_modules': the base model has no module {unknown[0]!r}; "
+                              f"it has {', '.join(leaves[:24])}{' ...' if len(leaves) > 24 else ''} "
+                              "(or use 'all-linear')", param="tunelab.target_modules")
+    if opts.max_seq_len is not None and context and opts.max_seq_len > context:
+        raise OptionError(f"tunelab option 'max_seq_len': {opts.max_seq_len} is longer than the base model's "
+                          f"context of {context} tokens", param="tunelab.max_seq_len")
 
 
 def total_steps(cfg: RunConfig, n_examples: int) -> int:

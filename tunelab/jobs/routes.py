@@ -37,8 +37,9 @@ async def upload_file(request: Request, service: JobsService = Svc, who: Princip
         # Starlette spools each file part to a temporary file past 1 MiB: large uploads never sit in memory
         # here; the service then copies it to its generated name, enforcing the upload size limit.
         form = await request.form(max_files=1, max_fields=8)
-    except Exception as e:  # malformed multipart
-        raise APIError(400, f"expected a multipart/form-data body with 'file' and 'purpose': {e}",
+    except Exception as e:  # malformed multipart (an upload cut off past the size limit is answered 413 upstream)
+        why = str(e) or type(e).__name__
+        raise APIError(400, f"expected a multipart/form-data body with 'file' and 'purpose': {why}",
                        code="invalid_request") from None
     try:
         upload = form.get("file")

@@ -3,15 +3,21 @@ owner never learns that another owner's ids exist: they are 404 like unknown one
 state changes that requests cause (create, cancel, pause, resume). Training itself is the workers' business;
 this module only tells them (`Workers.notify`, `Workers.kill`).
 
+Per-owner limits (`JobsSettings.max_*_per_owner`) are checked here, under a lock per owner so that one
+owner's parallel requests cannot slip past them: active jobs (validating, queued or running), uploaded
+files and their bytes. Past a limit the answer is 429 `rate_limit_exceeded`, OpenAI's shape.
+
 No torch and no heavy imports: routes call these methods from FastAPI's thread pool.
 """
 
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 import tempfile
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -24,10 +30,13 @@ from tunelab.jobs import hyper
 from tunelab.jobs.store import Store, checkpoints, events, files, jobs, new_id, now
 from tunelab.server.errors import APIError
 
+log = logging.getLogger(__name__)
+
 PURPOSES = ("fine-tune", "fine-tune-results", "batch", "assistants", "vision", "user_data", "evals")
 UPLOAD_PURPOSES = tuple(p for p in PURPOSES if p != "fine-tune-results")
 TERMINAL = ("succeeded", "failed", "cancelled")
 ACTIVE = ("validating_files", "queued", "running", "paused")
+COUNTED = ("validating_files", "queued", "running")  # what max_jobs_per_owner counts (paused jobs hold no worker)
 
 
 class Workers(Protocol):
@@ -58,6 +67,16 @@ class JobsSettings:
     """`--set key=value` overrides applied to every job's RunConfig (e.g. train.max_steps=100)."""
     python: str = ""
     """Interpreter for child processes (default: this one)."""
+    max_jobs_per_owner: int = 4
+    """Jobs one owner may have validating, queued or running at once (more: 429)."""
+    max_files_per_owner: int = 100
+    """Uploaded files one owner may keep (result files the server writes do not count)."""
+    max_bytes_per_owner: int = 10 * 1024**3
+    """Bytes of uploaded files one owner may keep."""
+    module_names: frozenset[str] = frozenset()
+    """Names `target_modules` may use on the base model (empty: not checked); see hyper.module_suffixes."""
+    context_length: int | None = None
+    """The base model's context: the largest `max_seq_len` a job may ask for."""
 
 
 def _not_found(kind: str, id_: str, param: str | None = None) -> APIError:
@@ -84,10 +103,24 @@ class JobsService:
         self.workers: Workers = _NoWorkers()
         # register(name, path, owner) -> error message or None; set by the app to serve adapters at once.
         self.register = register or (lambda name, path, owner: None)
-        (settings.data_dir / "files").mkdir(parents=True, exist_ok=True)
-        (settings.data_dir / "jobs").mkdir(parents=True, exist_ok=True)
+        self._owner_locks: dict[str, threading.Lock] = {}
+        self._locks_lock = threading.Lock()
+        # Owners' data: readable by the server's user alone when we create the folders (see docs/security.md).
+        (settings.data_dir / "files").mkdir(mode=0o700, parents=True, exist_ok=True)
+        (settings.data_dir / "jobs").mkdir(mode=0o700, parents=True, exist_ok=True)
+
+    def _owner_lock(self, owner: str) -> threading.Lock:
+        with self._locks_lock:
+            return self._owner_locks.setdefault(owner, threading.Lock())
 
     # ================================================================== files
+    def storage_used(self, owner: str) -> tuple[int, int]:
+        """(files, bytes) of the owner's uploads still stored."""
+        with self.store.read() as c:
+            n, size = c.execute(select(func.count(), func.coalesce(func.sum(files.c.bytes), 0)).where(
+                files.c.owner == owner, files.c.deleted.is_(False), files.c.purpose != "fine-tune-results")).one()
+        return int(n), int(size)
+
     def file_path(self, row: RowMapping) -> Path:
         return self.settings.data_dir / "files" / row["storage"]
 
@@ -99,11 +132,24 @@ class JobsService:
 
     def upload(self, owner: str, filename: str | None, purpose: str, src: IO[bytes]) -> dict[str, Any]:
         """Copy an upload (already spooled by the multipart parser) to a generated name, chunk by chunk,
-        refusing it past the size limit; `fine-tune` files must be JSONL, checked line by line."""
+        refusing it past the size limit or the owner's storage quota; `fine-tune` files must be JSONL,
+        checked line by line."""
         if purpose not in UPLOAD_PURPOSES:
             raise APIError(400, f"purpose must be one of {', '.join(UPLOAD_PURPOSES)}; got {purpose!r}",
                            param="purpose", code="invalid_value")
         name = safe_filename(filename)
+        with self._owner_lock(owner):  # the quota check and the insert are one step per owner
+            n_files, used = self.storage_used(owner)
+            cfg = self.settings
+            if n_files >= cfg.max_files_per_owner:
+                raise _over_limit(f"you already store {n_files} files, this server's limit per owner; delete "
+                                  "some (DELETE /v1/files/{id}) before uploading more")
+            file_id, size = self._copy_upload(src, name, purpose, room=cfg.max_bytes_per_owner - used)
+            return self.file_obj(self.store.insert(files, id=file_id, owner=owner, filename=name, purpose=purpose,
+                                                   bytes=size, created_at=now(), status="processed",
+                                                   storage=file_id, deleted=False))
+
+    def _copy_upload(self, src: IO[bytes], name: str, purpose: str, room: int) -> tuple[str, int]:
         file_id = new_id("file-")
         dest_dir = self.settings.data_dir / "files"
         limit = self.settings.max_upload_bytes
@@ -116,6 +162,9 @@ class JobsService:
                     if size > limit:
                         raise APIError(413, f"file exceeds this server's upload limit of {limit} bytes",
                                        param="file", code="file_too_large")
+                    if size > room:
+                        raise _over_limit(f"this upload would take your stored files past this server's limit of "
+                                          f"{self.settings.max_bytes_per_owner} bytes per owner; delete some first")
                     out.write(chunk)
             if purpose == "fine-tune":
                 check_jsonl(Path(tmp), name)
@@ -123,9 +172,7 @@ class JobsService:
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
-        row = self.store.insert(files, id=file_id, owner=owner, filename=name, purpose=purpose, bytes=size,
-                                created_at=now(), status="processed", storage=file_id, deleted=False)
-        return self.file_obj(row)
+        return file_id, size
 
     def add_result_file(self, owner: str, filename: str, content: bytes) -> str:
         file_id = new_id("file-")
@@ -219,13 +266,33 @@ class JobsService:
         job_id = new_id("ftjob-")
         jdir = self.job_dir(job_id)
         try:
+            opts = hyper.tunelab_options(req)
+            hyper.check_against_model(opts, self.settings.module_names, self.settings.context_length)
             # Resolve once with a placeholder size: every option error surfaces now, as a 400, not later.
             hyper.build_config(base_model=self.settings.base_model, train_path="train.jsonl",
                                valid_path="valid.jsonl" if valid else None, output_dir=str(jdir / "run"), req=req,
                                n_examples=100, server_sets=self.settings.server_sets)
-            options = hyper.tunelab_options(req).model_dump(exclude_none=True)
+            options = opts.model_dump(exclude_none=True)
         except hyper.OptionError as e:
             raise APIError(400, e.message, param=e.param, code="invalid_value") from None
+        with self._owner_lock(owner):  # count and insert together: parallel requests cannot pass the limit
+            self._check_job_limit(owner)
+            self._insert_job(owner, req, job_id, train, valid, options)
+        self.workers.notify()
+        return self.get_job(owner, job_id)
+
+    def _check_job_limit(self, owner: str) -> None:
+        limit = self.settings.max_jobs_per_owner
+        with self.store.read() as c:
+            active = int(c.execute(select(func.count()).select_from(jobs).where(
+                jobs.c.owner == owner, jobs.c.status.in_(COUNTED))).scalar() or 0)
+        if active >= limit:
+            raise _over_limit(f"you have {active} jobs validating, queued or running, this server's limit per "
+                              "owner; wait for one to finish or cancel one")
+
+    def _insert_job(self, owner: str, req: hyper.JobCreate, job_id: str, train: RowMapping,
+                    valid: RowMapping | None, options: dict[str, Any]) -> None:
+        jdir = self.job_dir(job_id)
         (jdir / "data").mkdir(parents=True)
         # The job trains on its own copies (hard links when possible): deleting a file never breaks it.
         _link_or_copy(self.file_path(train), jdir / "data" / "train.jsonl")
@@ -245,8 +312,6 @@ class JobsService:
             self.store.add_event(job_id, f"Created fine-tuning job: {job_id}", conn=c)
             self.store.add_event(job_id, f"Validating training file: {train['id']}"
                                  + (f" and validation file: {valid['id']}" if valid is not None else ""), conn=c)
-        self.workers.notify()
-        return self.get_job(owner, job_id)
 
     def get_job(self, owner: str, job_id: str) -> dict[str, Any]:
         return self.job_obj(self._job(owner, job_id))
@@ -302,8 +367,10 @@ class JobsService:
             # A job paused before validation finished goes back to validation; else to the queue.
             validated = (self.job_dir(job_id) / "config.yaml").exists()
             to = "queued" if validated else "validating_files"
-            if self.store.update_job(job_id, only_if_status=("paused",), status=to, pause_requested=False):
-                self.store.add_event(job_id, "Fine-tuning job resumed")
+            with self._owner_lock(owner):  # a resumed job counts again
+                self._check_job_limit(owner)
+                if self.store.update_job(job_id, only_if_status=("paused",), status=to, pause_requested=False):
+                    self.store.add_event(job_id, "Fine-tuning job resumed")
         self.workers.notify()
         return self.get_job(owner, job_id)
 
@@ -340,6 +407,10 @@ class JobsService:
         return None if job_owner is None else job_owner == owner
 
 
+def _over_limit(message: str) -> APIError:
+    return APIError(429, message, code="rate_limit_exceeded", type="requests")
+
+
 def _limit(limit: int, cap: int) -> int:
     if limit < 1:
         raise APIError(400, "limit must be at least 1", param="limit", code="invalid_value")
@@ -358,8 +429,10 @@ def _link_or_copy(src: Path, dest: Path) -> None:
 
 
 def check_jsonl(path: Path, name: str) -> None:
-    """Fine-tune uploads must be JSONL: every non-blank line one JSON object. Deeper checks (roles, tokens)
-    run when a job validates the file with the model's tokenizer."""
+    """Fine-tune uploads must be JSONL: every non-blank line one JSON object, at least one line. Deeper checks
+    (roles, tokens) run when a job validates the file with the model's tokenizer. Any failure here is a 400
+    naming the line, whatever the parser raised (a line nested 60,000 deep exhausts its recursion)."""
+    seen = 0
     with path.open("rb") as f:
         for lineno, raw in enumerate(f, 1):
             if not raw.strip():
@@ -367,8 +440,20 @@ def check_jsonl(path: Path, name: str) -> None:
             try:
                 obj = json.loads(raw)
             except (json.JSONDecodeError, UnicodeDecodeError) as e:
-                raise APIError(400, f"{name}, line {lineno}: not valid JSON ({e}); fine-tune files must be JSONL, "
-                               "one JSON object per line", param="file", code="invalid_file_format") from None
+                raise _bad_line(name, lineno, f"not valid JSON ({e}); fine-tune files must be JSONL, one JSON "
+                                "object per line") from None
+            except RecursionError:
+                raise _bad_line(name, lineno, "nested too deeply to be a training example") from None
+            except Exception as e:  # anything else the parser raises is still this line's fault
+                log.warning("%s line %d: JSON parser raised %s", name, lineno, type(e).__name__)
+                raise _bad_line(name, lineno, "not valid JSON") from None
             if not isinstance(obj, dict):
-                raise APIError(400, f"{name}, line {lineno}: expected a JSON object, got {type(obj).__name__}",
-                               param="file", code="invalid_file_format")
+                raise _bad_line(name, lineno, f"expected a JSON object, got {type(obj).__name__}")
+            seen += 1
+    if not seen:
+        raise APIError(400, f"{name}: the file is empty; fine-tune files need at least one JSON object line",
+                       param="file", code="invalid_file_format")
+
+
+def _bad_line(name: str, lineno: int, why: str) -> APIError:
+    return APIError(400, f"{name}, line {lineno}: {why}", param="file", code="invalid_file_format")

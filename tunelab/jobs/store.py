@@ -30,6 +30,7 @@ from sqlalchemy import (
     Text,
     create_engine,
     event,
+    func,
     insert,
     select,
     update,
@@ -216,6 +217,20 @@ class Store:
         q = select(jobs).where(jobs.c.status.in_(statuses)).order_by(jobs.c.seq)
         with self.read() as c:
             return list(c.execute(q if limit is None else q.limit(limit)).mappings())
+
+    def queue_heads(self, status: str) -> list[RowMapping]:
+        """The oldest job in `status` of each owner: the heads of the per-owner queues (fair scheduling)."""
+        heads = (select(func.min(jobs.c.seq).label("seq")).where(jobs.c.status == status)
+                 .group_by(jobs.c.owner).subquery())
+        with self.read() as c:
+            return list(c.execute(select(jobs).join(heads, jobs.c.seq == heads.c.seq)
+                                  .order_by(jobs.c.seq)).mappings())
+
+    def count_by_owner(self, status: str) -> dict[str, int]:
+        with self.read() as c:
+            rows = c.execute(select(jobs.c.owner, func.count()).where(jobs.c.status == status)
+                             .group_by(jobs.c.owner)).all()
+        return {str(owner): int(n) for owner, n in rows}
 
     def checkpoints_of(self, job_id: str) -> list[RowMapping]:
         with self.read() as c:

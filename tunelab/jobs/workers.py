@@ -7,6 +7,10 @@ group. While the child runs, its trainer thread harvests metrics.jsonl into even
 servable checkpoint models, and watches for cancel (kill now), pause (kill right after the next checkpoint)
 and server shutdown (kill; the job stays `running` and resumes on restart).
 
+Fair across owners: validation and training each take the next job round-robin by owner (the owner with the
+fewest running jobs, then the one served longest ago, then the oldest job), never one global first-in
+first-out queue, so ten jobs queued by one owner delay another owner's job by at most one turn.
+
 Restart recovery (`start`): jobs left `running` go back to `queued` and resume from their last checkpoint
 (the training loop's exact resume); a stale child still alive is killed first; finished models and
 checkpoints are registered with the engine again. Events, files and models all live in the store/data dir.
@@ -108,6 +112,8 @@ class WorkerPool:
         self._lock = threading.Lock()
         self._threads: list[threading.Thread] = []
         self._claim_lock = threading.Lock()
+        self._turn = 0
+        self._last_turn: dict[tuple[str, str], int] = {}  # (queue status, owner) -> when it was last served
         self._spares: dict[str, subprocess.Popen[bytes]] = {}
         self._validator_proc: subprocess.Popen[bytes] | None = None
         service.workers = self
@@ -229,15 +235,17 @@ class WorkerPool:
         if self._warm:
             self._validator_child()
         while not self._stop.is_set():
-            pending = self.store.jobs_in("validating_files", limit=1)
+            pending = self._fair_order("validating_files")
             if not pending:
                 self._sleep()
                 continue
+            self._served("validating_files", pending[0]["owner"])
             try:
                 self._validate(pending[0])
-            except Exception as e:  # a bug here must not stop validation of other jobs
+            except Exception:  # a bug here must not stop validation of other jobs
                 log.exception("validating %s failed", pending[0]["id"])
-                self._fail(pending[0]["id"], "internal_error", f"validation crashed: {e}", None, ("validating_files",))
+                self._fail(pending[0]["id"], "internal_error", "file validation failed inside the server; its log "
+                           f"has the details (job {pending[0]['id']})", None, ("validating_files",))
 
     def _validate(self, row: RowMapping) -> None:
         job_id = row["id"]
@@ -303,11 +311,24 @@ class WorkerPool:
             self.store.add_event(job_id, message, level="error")
 
     # ------------------------------------------------------------------ training
+    def _fair_order(self, status: str) -> list[RowMapping]:
+        """Each owner's oldest job in `status`, in the order they should be served: fewest running jobs first,
+        then the owner served longest ago, then the oldest job."""
+        busy = self.store.count_by_owner("running") if status == "queued" else {}
+        heads = self.store.queue_heads(status)
+        return sorted(heads, key=lambda r: (busy.get(r["owner"], 0), self._last_turn.get((status, r["owner"]), -1),
+                                            r["seq"]))
+
+    def _served(self, status: str, owner: str) -> None:
+        self._turn += 1
+        self._last_turn[(status, owner)] = self._turn
+
     def _claim(self) -> RowMapping | None:
         with self._claim_lock:
-            for row in self.store.jobs_in("queued", limit=self.n_workers + 1):
+            for row in self._fair_order("queued"):
                 if self.store.update_job(row["id"], only_if_status=("queued",), status="running",
                                          started_at=row["started_at"] or now(), pause_requested=False):
+                    self._served("queued", row["owner"])
                     return self.store.get(jobs, row["id"])
         return None
 
@@ -321,9 +342,10 @@ class WorkerPool:
                 continue
             try:
                 self._train(row)
-            except Exception as e:
+            except Exception:
                 log.exception("job %s: worker error", row["id"])
-                self._fail(row["id"], "internal_error", f"worker error: {type(e).__name__}: {e}", None, ("running",))
+                self._fail(row["id"], "internal_error", "the server failed while running this job; its log has the "
+                           f"details (job {row['id']})", None, ("running",))
 
     def _train(self, row: RowMapping) -> None:
         job_id = row["id"]

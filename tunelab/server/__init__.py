@@ -4,6 +4,7 @@ layer and thin routes, assembled by `create_app(engine, settings)`. Never import
 from tunelab.server.app import create_app
 from tunelab.server.auth import Principal, authenticate
 from tunelab.server.errors import APIError
-from tunelab.server.settings import ServerSettings, load_api_keys
+from tunelab.server.settings import ServerSettings, load_admin_keys, load_api_keys
 
-__all__ = ["APIError", "Principal", "ServerSettings", "authenticate", "create_app", "load_api_keys"]
+__all__ = ["APIError", "Principal", "ServerSettings", "authenticate", "create_app", "load_admin_keys",
+           "load_api_keys"]

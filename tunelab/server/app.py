@@ -83,22 +83,42 @@ class LimitsMiddleware:
 
     async def _streamed(self, scope: Scope, receive: Receive, send: Send, declared: bytes | None, limit: int) -> None:
         """File uploads: refuse by Content-Length up front, otherwise let the route stream the body to disk,
-        counting as it goes; past the limit the route sees a disconnect and stores nothing."""
+        counting as it goes; past the limit the route sees a disconnect and stores nothing, and the client
+        gets the same 413 as with a Content-Length (whatever the route would have answered is dropped)."""
         if declared is not None and declared.isdigit() and int(declared) > limit:
-            await _send_error(send, APIError(413, f"the upload exceeds this server's upload limit ({limit} bytes "
-                                                  "with multipart framing)", code="request_too_large"))
+            await _send_error(send, _upload_too_large(limit))
             return
         seen = 0
+        exceeded = False
+        answered = False
 
         async def counted() -> Message:
-            nonlocal seen
+            nonlocal seen, exceeded
+            if exceeded:
+                return {"type": "http.disconnect"}
             message = await receive()
             seen += len(message.get("body", b""))
             if seen > limit:
+                exceeded = True
                 return {"type": "http.disconnect"}
             return message
 
-        await self.app(scope, counted, send)
+        async def guarded(message: Message) -> None:
+            nonlocal answered
+            if not exceeded:
+                await send(message)
+            elif not answered:
+                answered = True
+                await _send_error(send, _upload_too_large(limit))
+
+        await self.app(scope, counted, guarded)
+        if exceeded and not answered:  # the route gave up without answering
+            await _send_error(send, _upload_too_large(limit))
+
+
+def _upload_too_large(limit: int) -> APIError:
+    return APIError(413, f"the upload exceeds this server's upload limit ({limit} bytes with multipart framing)",
+                    param="file", code="file_too_large")
 
 
 def _too_large(limit: int) -> APIError:

@@ -16,10 +16,12 @@ from tunelab.server.settings import ServerSettings
 
 @dataclass(frozen=True)
 class Principal:
-    """Who made a request. `api_key` is None when the server runs without keys (owner "anonymous")."""
+    """Who made a request. `api_key` is None when the server runs without keys (owner "anonymous").
+    `admin`: the key may read server details (/health); it sees no other owner's data for that."""
 
     owner: str
     api_key: str | None = None
+    admin: bool = False
 
 
 ANONYMOUS = Principal(owner="anonymous")
@@ -45,5 +47,5 @@ async def authenticate(request: Request) -> Principal:
     for key, owner in settings.api_keys.items():
         # Constant-time comparison: response timing must not reveal how much of a key matched.
         if hmac.compare_digest(key.encode(), token.encode()):
-            return Principal(owner=owner, api_key=key)
+            return Principal(owner=owner, api_key=key, admin=key in settings.admin_keys)
     raise APIError(401, "incorrect API key provided", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})

@@ -2,7 +2,9 @@
 responses (serialised as OpenAI clients expect). No logic beyond field checks.
 
 Unknown request fields are ignored, like OpenAI-compatible servers do; known ones we cannot honour
-(tools, logprobs, echo, ...) are refused with a 400 naming the field rather than silently dropped.
+(tools, tool_choice, logprobs, echo, ...) are refused with a 400 naming the field rather than silently dropped.
+Types are strict (pydantic strict mode): `"stream": "yes"` or `"n": true` is a 400, not a guess; numbers are
+bounded (a `seed` must fit a 63-bit generator seed).
 """
 
 from __future__ import annotations
@@ -15,13 +17,16 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator
 # ---------------------------------------------------------------- requests
 
 
+MAX_SEED = 2**63  # exclusive: torch generators take 64-bit seeds; n choices add their index, kept below 2**64
+
+
 class StreamOptions(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     include_usage: bool = False
 
 
 class _GenerationFields(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
 
     model: str = Field(min_length=1)
     temperature: float | None = Field(default=None, ge=0, le=2)
@@ -29,7 +34,7 @@ class _GenerationFields(BaseModel):
     max_tokens: int | None = Field(default=None, ge=1)
     n: int = Field(default=1, ge=1)
     stop: str | list[str] | None = None
-    seed: int | None = None
+    seed: int | None = Field(default=None, ge=0, lt=MAX_SEED)
     stream: bool = False
     stream_options: StreamOptions | None = None
     user: str | None = None
@@ -64,13 +69,13 @@ class _GenerationFields(BaseModel):
 
 
 class ContentPart(BaseModel):
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", strict=True)
     type: str
     text: str | None = None
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="ignore")
+    model_config = ConfigDict(extra="ignore", strict=True)
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
@@ -92,16 +97,20 @@ class ChatCompletionRequest(_GenerationFields):
     logprobs: bool | None = None
     top_logprobs: int | None = None
     tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
     functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
     response_format: dict[str, Any] | None = None
 
     def unsupported(self) -> str | None:
         if self.logprobs or self.top_logprobs:
             return "logprobs"
-        if self.tools:
-            return "tools"
-        if self.functions:
-            return "functions"
+        # Tool calling is not supported yet: any tool field (even an empty list) is refused rather than ignored,
+        # so a client never takes a plain answer for a model that chose not to call its tool.
+        for name in ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call"):
+            if getattr(self, name) is not None:
+                return name
         if self.response_format and self.response_format.get("type", "text") != "text":
             return "response_format"
         for i, m in enumerate(self.messages):

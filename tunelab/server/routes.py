@@ -52,12 +52,31 @@ async def completions(
 
 
 @router.get("/health")
-async def health(request: Request, principal: Principal = Depends(authenticate)) -> Response:
+async def health(
+    request: Request, principal: Principal = Depends(authenticate), serving: OpenAIServing = Depends(get_serving)
+) -> Response:
+    """`{"status": "ok"}` for everyone; an admin key also gets the engine's details, limited to the models
+    that key may see (other owners' model names, and how many there are, stay hidden)."""
     state = request.app.state
     draining = bool(getattr(state, "draining", False))
-    body: dict[str, Any] = {
-        "status": "draining" if draining else "ok",
-        "model": state.engine.base_model_name,
-        "engine": state.engine.health(),
-    }
+    body: dict[str, Any] = {"status": "draining" if draining else "ok"}
+    if principal.admin:
+        visible = {card.id for card in serving.models().data}
+        body["model"] = state.engine.base_model_name
+        body["engine"] = _visible_health(state.engine.health(), visible, state.engine.base_model_name)
     return JSONResponse(body, status_code=503 if draining else 200)
+
+
+def _visible_health(details: dict[str, Any], visible: set[str], base: str) -> dict[str, Any]:
+    """An allow-list: plain numbers and flags pass; names pass only when the caller may see them. A new
+    field that carries names stays out until it is added here."""
+    out: dict[str, Any] = {k: v for k, v in details.items() if v is None or isinstance(v, bool | int | float)}
+    out["loaded_adapters"] = [n for n in details.get("loaded_adapters", []) if n in visible]
+    out["adapters"] = len(visible - {base})
+    merged = details.get("merged")
+    out["merged"] = merged if merged in visible else None
+    # Folders of --adapters-dir the operator pointed the server at (never an owner's upload or job).
+    rejected = details.get("rejected_adapters")
+    if isinstance(rejected, dict):
+        out["rejected_adapters"] = {str(k): str(v) for k, v in rejected.items()}
+    return out

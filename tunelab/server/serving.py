@@ -135,7 +135,9 @@ class OpenAIServing:
     def _sampling(self, req: _GenerationFields, max_tokens: int | None) -> SamplingParams:
         bad = req.unsupported()
         if bad:
-            raise APIError(400, f"{bad} is not supported by this server", param=bad, code="unsupported_parameter")
+            why = (": tool calling is not available yet; send the request without it"
+                   if "tool" in bad or "function" in bad else "")
+            raise APIError(400, f"{bad} is not supported by this server{why}", param=bad, code="unsupported_parameter")
         limit = self.settings.max_tokens_limit
         if max_tokens is not None and max_tokens > limit:
             raise APIError(400, f"max_tokens is {max_tokens}, above this server's limit of {limit}",

@@ -1,6 +1,11 @@
 """Checkpoints: written atomically (temporary folder, then rename), so a run killed at any moment -- even
 with `kill -9` mid-write -- leaves only complete checkpoints behind. Each holds the trainable weights
 (PEFT adapter or full model), optimizer, scheduler, RNG states, loop state (data position) and the config.
+
+Nothing in a checkpoint is a pickle: weights are safetensors, and the optimizer, scheduler and RNG states are
+each a JSON tree whose tensors sit in a safetensors file beside it (`save_tree` / `load_tree`). Loading a
+checkpoint therefore never runs code from the file, whoever wrote the folder. Checkpoints of older versions
+(`*.pt`) are read with `torch.load(weights_only=True)`, which refuses anything but tensors and plain data.
 """
 
 from __future__ import annotations
@@ -67,9 +72,9 @@ def write_checkpoint(
     tmp.mkdir()
     save_weights(model, tmp / weights_name, state_dict=state_dict)
     # A sharded run passes its gathered state: keyed by parameter name, loadable on any number of processes.
-    torch.save(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer.pt")
-    torch.save(scheduler.state_dict(), tmp / "scheduler.pt")
-    torch.save(rng_state(), tmp / "rng.pt")
+    save_tree(optimizer_state if optimizer_state is not None else optimizer.state_dict(), tmp / "optimizer")
+    save_tree(scheduler.state_dict(), tmp / "scheduler")
+    save_tree(rng_state(), tmp / "rng")
     (tmp / "state.json").write_text(json.dumps(loop_state, indent=1))
     (tmp / "config.yaml").write_text(config_yaml)
     if extra:
@@ -106,10 +111,77 @@ def rotate(ckpts: Path, keep: int, protect: int | None = None) -> None:
 def load_checkpoint(path: Path) -> tuple[dict[str, Any], Any, Any, dict[str, Any]]:
     """(loop_state, optimizer_state, scheduler_state, rng_state)."""
     state = json.loads((path / "state.json").read_text())
-    opt = torch.load(path / "optimizer.pt", weights_only=False)
-    sch = torch.load(path / "scheduler.pt", weights_only=False)
-    rng = torch.load(path / "rng.pt", weights_only=False)
-    return state, opt, sch, rng
+    return state, _load_part(path, "optimizer"), _load_part(path, "scheduler"), _load_part(path, "rng")
+
+
+# ------------------------------------------------------------------ pickle-free state files
+def save_tree(obj: Any, stem: Path) -> None:
+    """Write a nest of dicts, lists, tuples, numbers, strings, tensors and numpy arrays as `stem.json`
+    (the structure) + `stem.safetensors` (the tensors, referenced by key from the JSON)."""
+    from safetensors.torch import save_file
+
+    tensors: dict[str, torch.Tensor] = {}
+    tree = _encode(obj, tensors, set())
+    save_file(tensors, str(stem.with_suffix(".safetensors")))
+    stem.with_suffix(".json").write_text(json.dumps(tree))
+
+
+def load_tree(stem: Path) -> Any:
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(stem.with_suffix(".safetensors")))
+    return _decode(json.loads(stem.with_suffix(".json").read_text()), tensors)
+
+
+def _encode(obj: Any, tensors: dict[str, torch.Tensor], storages: set[int]) -> Any:
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        if t.numel() and t.untyped_storage().data_ptr() in storages:
+            t = t.clone()  # safetensors refuses tensors that share memory
+        if t.numel():
+            storages.add(t.untyped_storage().data_ptr())
+        key = f"t{len(tensors)}"
+        tensors[key] = t
+        return {"__tensor__": key}
+    if isinstance(obj, np.ndarray):
+        return {"__ndarray__": obj.tolist(), "dtype": str(obj.dtype)}
+    if isinstance(obj, np.generic):
+        return obj.item()
+    if isinstance(obj, tuple):
+        return {"__tuple__": [_encode(v, tensors, storages) for v in obj]}
+    if isinstance(obj, list):
+        return [_encode(v, tensors, storages) for v in obj]
+    if isinstance(obj, dict):
+        # Keys keep their type (optimizer state is keyed by parameter index): stored as pairs.
+        return {"__dict__": [[_encode(k, tensors, storages), _encode(v, tensors, storages)] for k, v in obj.items()]}
+    if obj is None or isinstance(obj, bool | int | float | str):
+        return obj
+    raise TypeError(f"cannot store a {type(obj).__name__} in a checkpoint (tensors and plain data only)")
+
+
+def _decode(tree: Any, tensors: dict[str, torch.Tensor]) -> Any:
+    if isinstance(tree, list):
+        return [_decode(v, tensors) for v in tree]
+    if not isinstance(tree, dict):
+        return tree
+    if "__tensor__" in tree:
+        return tensors[tree["__tensor__"]]
+    if "__ndarray__" in tree:
+        return np.array(tree["__ndarray__"], dtype=np.dtype(tree["dtype"]))
+    if "__tuple__" in tree:
+        return tuple(_decode(v, tensors) for v in tree["__tuple__"])
+    return {_decode(k, tensors): _decode(v, tensors) for k, v in tree["__dict__"]}
+
+
+def _load_part(path: Path, name: str) -> Any:
+    if (path / f"{name}.json").exists():
+        return load_tree(path / name)
+    old = path / f"{name}.pt"  # a checkpoint from before the pickle-free format
+    # weights_only: tensors and plain data only, never arbitrary objects; numpy's RNG state array is allowed.
+    from numpy._core.multiarray import _reconstruct  # type: ignore[attr-defined]
+
+    with torch.serialization.safe_globals([_reconstruct, np.ndarray, np.dtype, type(np.dtype(np.uint32))]):
+        return torch.load(old, weights_only=True)
 
 
 def load_extra(path: Path) -> dict[str, torch.Tensor]:
