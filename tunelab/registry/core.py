@@ -170,7 +170,7 @@ class Registry:
 
     @classmethod
     def open(cls, data_dir: str | Path, spec: str | None = None) -> Registry:
-        data_dir = Path(data_dir)
+        data_dir = Path(data_dir).expanduser()
         data_dir.mkdir(parents=True, exist_ok=True)
         if spec and spec.startswith("mlflow:"):
             from tunelab.registry.mlflow_store import MLflowBackend
