@@ -105,7 +105,7 @@ def test_ppo_raises_reward_with_bounded_kl(task: dict[str, Any], tiny_dir: Path)
     cfg = base_cfg(tmp, task["warm"], "ppo", task["prompts"], method="ppo",
                    ppo={"reward_model": str(rm_run.run_dir), "kl_coef": 0.2, "ppo_epochs": 2, "vf_coef": 0.1,
                         "generation": {"max_new_tokens": 6}},
-                   train={"max_steps": 12, "batch_size": 8, "lr": 5e-3})
+                   train={"max_steps": 6, "batch_size": 8, "lr": 5e-3})  # 6 rollouts x 2 epochs = 12 updates
     res = train(cfg, show_progress=False)
     after = mean_reward(str(res.run_dir))
     assert after > before, (before, after)
