@@ -327,7 +327,7 @@ def optimizer_step(ctx: LoopContext) -> float | None:
         grad_norm = ctx.accelerator.clip_grad_norm_(ctx.model.parameters(), ctx.cfg.train.max_grad_norm)
     ctx.optimizer.step()
     ctx.scheduler.step()
-    for hook in ctx.hooks:  # before zero_grad: a hook may read the gradients (AdaLoRA's sensitivity)
+    for hook in ctx.hooks:  # before zero_grad: a hook may read the gradients (a rank reallocation does)
         hook.on_optimizer_step(ctx)
     ctx.optimizer.zero_grad(set_to_none=True)
     if grad_norm is None:
