@@ -210,3 +210,36 @@ def test_rl_validation_is_reward_and_the_best_step_is_the_highest(task: dict[str
     plain = train(base_cfg(tmp, task["warm"], "grpo-novalid", task["prompts"], **settings), show_progress=False)
     trained = [r["train_reward"] for r in rows if "train_reward" in r]
     assert trained == [r["train_reward"] for r in read_metrics(plain.run_dir) if "train_reward" in r]
+
+
+def test_ppo_resumes_between_rollouts_to_the_same_weights(task: dict[str, Any], rm_run: Path,
+                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A step is rollout + its optimizer steps, so a checkpoint between steps holds everything (weights, value
+    head, optimizer, RNG): interrupted after the step-2 checkpoint and resumed, PPO ends on the same adapter
+    and value head as a straight run. (Rollouts reused across loop steps used to live only in memory.)"""
+    from safetensors.torch import load_file
+
+    from tunelab.train.rollout import RolloutMethod
+
+    def cfg(out: str) -> Any:
+        return base_cfg(task["tmp"], task["warm"], out, task["prompts"], method="ppo",
+                        ppo={"reward_model": str(rm_run), "ppo_epochs": 2, "num_minibatches": 2,
+                             "generation": {"max_new_tokens": 4}},
+                        train={"max_steps": 4, "batch_size": 4, "save_every": 2, "lr": 5e-3})
+
+    straight = train(cfg("ppo-straight"), show_progress=False)
+    real = RolloutMethod.run_step
+
+    def crash(self: Any, ctx: Any, mbs: Any) -> Any:
+        if ctx.state.step == 3:
+            raise KeyboardInterrupt
+        return real(self, ctx, mbs)
+
+    monkeypatch.setattr(RolloutMethod, "run_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg("ppo-broken"), show_progress=False)
+    monkeypatch.setattr(RolloutMethod, "run_step", real)
+    resumed = train(cfg("ppo-broken"), resume=True, show_progress=False)
+    for f in ("adapter/adapter_model.safetensors", "ppo_value_head.safetensors"):
+        a, b = load_file(str(straight.run_dir / f)), load_file(str(resumed.run_dir / f))
+        assert a.keys() == b.keys() and all(torch.allclose(a[k], b[k], atol=1e-6) for k in a), f
