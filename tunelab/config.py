@@ -225,6 +225,14 @@ def _check_method_section(cfg: RunConfig) -> None:
             raise ValueError(f"`{name}:` settings are given but method is {cfg.method!r}")
     if cfg.method in ("ppo", "grpo") and getattr(cfg, cfg.method) is None:
         raise ValueError(f"method {cfg.method!r} needs a `{cfg.method}:` section")
+    rl = cfg.ppo if cfg.method == "ppo" else cfg.grpo if cfg.method == "grpo" else None
+    if rl is not None:  # each minibatch is one optimizer step over part of the step's rollouts
+        group = cfg.grpo.group_size if cfg.grpo is not None and cfg.method == "grpo" else 1
+        rows = cfg.train.batch_size * cfg.train.grad_accum * group
+        if rl.num_minibatches > rows:
+            raise ValueError(
+                f"{cfg.method}.num_minibatches={rl.num_minibatches} is more than the {rows} completions each process "
+                "rolls out per step (train.batch_size * train.grad_accum" + (" * grpo.group_size)" if group > 1 else ")"))
 
 
 # --- end of preference and RL methods ---------------------------------------------------------------------

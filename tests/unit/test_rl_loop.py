@@ -124,3 +124,15 @@ def test_experience_cat_and_select_keep_every_rows_log_probs(model: Any) -> None
     torch.testing.assert_close(sub.old_logps, again, atol=1e-5, rtol=0)  # the stored log-probs went along
     short = exp.select(torch.tensor([1]))  # a's second row: prompt of 1 token -> 4 leading columns dropped
     assert short.rollout.prompt_len == 1 and short.rollout.input_ids[0].tolist() == [8, 11, 12, 13, 14]
+
+
+def test_more_minibatches_than_completions_is_a_config_error() -> None:
+    from tunelab.errors import TunelabError
+
+    raw: dict[str, Any] = {"model": {"name": "m"}, "data": {"train": "t.jsonl"}, "method": "grpo",
+                           "train": {"batch_size": 2, "grad_accum": 1},
+                           "grpo": {"group_size": 2, "num_minibatches": 5, "rewards": [{"fn": "json_valid"}]}}
+    with pytest.raises((TunelabError, ValueError), match=r"grpo.num_minibatches=5 is more than the 4 completions"):
+        config_from_dict(raw)
+    raw["grpo"]["num_minibatches"] = 4
+    assert config_from_dict(raw).grpo is not None

@@ -145,7 +145,6 @@ class GRPO(RolloutMethod):
         return int(self.g.num_minibatches)
 
     def setup(self, ctx: LoopContext) -> None:
-        super().setup(ctx)
         if self.g.kl_coef > 0:
             self.ref = Reference(ctx.model)
         if self.g.reward_model:

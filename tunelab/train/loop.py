@@ -425,7 +425,7 @@ def run_loop(ctx: LoopContext, progress: Any = None) -> LoopState:
         method.after_step(ctx)
         rep = method.summarize(sums)
         st.last_train_metric = rep.get(method.valid_metric)
-        window_loss = rep["loss"]
+        window_loss = rep.get("loss", math.nan)
         elapsed = time.perf_counter() - t0
         tps = (st.tokens_seen - tokens0) * ctx.accelerator.num_processes / max(elapsed, 1e-9)
         lr = ctx.scheduler.get_last_lr()[0]

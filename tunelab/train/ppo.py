@@ -63,7 +63,6 @@ class PPO(HeadCheckpointMixin, RolloutMethod):
         return int(self.p.num_minibatches)
 
     def setup(self, ctx: LoopContext) -> None:
-        super().setup(ctx)
         self.ref = Reference(ctx.model)
         self.head = attach_head(ctx, self.head_name)
         self.reward_model = RewardModel.load(self.p.reward_model, device=ctx.accelerator.device)

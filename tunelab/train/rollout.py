@@ -30,7 +30,6 @@ import torch.nn.functional as F
 
 from tunelab.data.records import Conversation, Message
 from tunelab.data.templates import encode_prompt
-from tunelab.errors import TunelabError
 from tunelab.train.dpo import is_peft, unwrap
 from tunelab.train.loop import (
     LoopContext,
@@ -237,14 +236,6 @@ class RolloutMethod(TrainingMethod):
     @property
     def optimizer_steps_per_step(self) -> int:
         return self.epochs * self.minibatches
-
-    def setup(self, ctx: LoopContext) -> None:
-        rows = ctx.cfg.train.batch_size * ctx.cfg.train.grad_accum * self.samples_per_prompt
-        if self.minibatches > rows:
-            raise TunelabError(
-                f"{self.name}.num_minibatches={self.minibatches} is more than the {rows} completions each process "
-                "rolls out per step (train.batch_size * train.grad_accum"
-                f"{' * grpo.group_size' if self.samples_per_prompt > 1 else ''})", 2)
 
     def run_step(self, ctx: LoopContext, mbs: list[list[Any]]) -> dict[str, float]:
         exp = self.collect(ctx, [item for mb in mbs for item in mb])
