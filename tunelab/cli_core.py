@@ -124,8 +124,9 @@ def train_cmd(
         return
     st = res.state
     msg = f"done: {st.step} steps"
-    if st.best_step is not None and st.best_valid is not None:
-        msg += f", best validation loss {st.best_valid:.4f} at step {st.best_step}"
+    best = st.describe_best()  # names the metric: validation loss, or reward for RL (higher is better)
+    if best is not None:
+        msg += f", {best}"
     if st.stopped_early:
         msg += " (stopped early; kept the best checkpoint)"
     console.print(msg)

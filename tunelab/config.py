@@ -158,7 +158,9 @@ class PPOConfig(_Strict):
     gamma: float = Field(default=1.0, gt=0, le=1)
     lam: float = Field(default=0.95, ge=0, le=1)
     ppo_epochs: int = Field(default=2, ge=1)
-    """Optimizer steps taken on each batch of generated rollouts."""
+    """Passes over each step's rollouts (torchtune's ppo_epochs, TRL's num_ppo_epochs)."""
+    num_minibatches: int = Field(default=1, ge=1)
+    """Shuffled minibatches per pass, one optimizer step each: a step takes ppo_epochs * num_minibatches."""
     length_penalty: float = Field(default=0.0, ge=0)
     """Subtracted per character beyond target_length: a guard against reward hacking by verbosity."""
     target_length: int = Field(default=0, ge=0)
@@ -194,6 +196,11 @@ class GRPOConfig(_Strict):
     group_size: int = Field(default=4, ge=2)
     kl_coef: float = Field(default=0.04, ge=0)
     clip_eps: float = Field(default=0.2, gt=0, lt=1)
+    num_iterations: int = Field(default=1, ge=1)
+    """Passes over each step's rollouts (TRL's num_iterations, the paper's mu); above 1 the importance ratio
+    against the sampling policy moves off 1 and clip_eps bounds it."""
+    num_minibatches: int = Field(default=1, ge=1)
+    """Shuffled minibatches per pass, one optimizer step each: a step takes num_iterations * num_minibatches."""
     rewards: list[GRPOReward] = []
     reward_model: str | None = None
     """A run folder written by `method: reward`, scored in addition to (or instead of) `rewards`."""
@@ -218,6 +225,14 @@ def _check_method_section(cfg: RunConfig) -> None:
             raise ValueError(f"`{name}:` settings are given but method is {cfg.method!r}")
     if cfg.method in ("ppo", "grpo") and getattr(cfg, cfg.method) is None:
         raise ValueError(f"method {cfg.method!r} needs a `{cfg.method}:` section")
+    rl = cfg.ppo if cfg.method == "ppo" else cfg.grpo if cfg.method == "grpo" else None
+    if rl is not None:  # each minibatch is one optimizer step over part of the step's rollouts
+        group = cfg.grpo.group_size if cfg.grpo is not None and cfg.method == "grpo" else 1
+        rows = cfg.train.batch_size * cfg.train.grad_accum * group
+        if rl.num_minibatches > rows:
+            raise ValueError(
+                f"{cfg.method}.num_minibatches={rl.num_minibatches} is more than the {rows} completions each process "
+                "rolls out per step (train.batch_size * train.grad_accum" + (" * grpo.group_size)" if group > 1 else ")"))
 
 
 # --- end of preference and RL methods ---------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""Preference and RL losses as pure functions of per-sequence / per-token log-probabilities and rewards.
+"""Preference losses as pure functions of per-sequence / per-token log-probabilities and rewards.
 
 Each returns `(loss, metrics)` and knows nothing about models, tokenizers or optimizers: the method files in
 `tunelab/train/` compute log-probs (with `tunelab.losses.sequence_logps`) and call these. Shared conventions:
@@ -10,7 +10,7 @@ Each returns `(loss, metrics)` and knows nothing about models, tokenizers or opt
 * Metrics are plain floats: batch means, plus `pairs` / `examples` counts so callers can weight-average.
 
 Hand-checked in tests/unit/test_pref_losses.py; DPO, ORPO, SimPO, KTO and reward losses are also checked
-against TRL's implementations there.
+against TRL's implementations there. The online RL pieces (PPO, GRPO) are in `tunelab.rl_losses`.
 """
 
 from __future__ import annotations
@@ -211,151 +211,3 @@ def reward_loss(
     if center_coef:
         per_pair = per_pair + center_coef * (rw + rl) ** 2
     return _reduce(per_pair, num_items), _pair_metrics(rw, rl)
-
-
-# ---------------------------------------------------------------------------------------------- PPO
-
-
-def masked_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    m = mask.to(x.dtype)
-    return (x * m).sum() / m.sum().clamp(min=1)
-
-
-def masked_whiten(x: torch.Tensor, mask: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    """Zero-mean unit-variance over the masked entries (PPO normalises advantages per batch)."""
-    mean = masked_mean(x, mask)
-    var = masked_mean((x - mean) ** 2, mask)
-    return (x - mean) * torch.rsqrt(var + eps) * mask.to(x.dtype)
-
-
-def ppo_token_rewards(
-    scores: torch.Tensor,
-    logps: torch.Tensor,
-    ref_logps: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    kl_coef: float,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """RLHF's shaped reward: -kl_coef * (log pi - log ref) at every completion token, plus the sequence score
-    (reward model, minus any length penalty) at the last one. Returns (rewards (B, T), per-token KL (B, T))."""
-    m = mask.to(logps.dtype)
-    kl = (logps - ref_logps) * m
-    rewards = -kl_coef * kl
-    last = (m.cumsum(-1) * m).argmax(-1)  # index of each row's last completion token
-    rewards = rewards.clone()
-    rewards[torch.arange(rewards.size(0)), last] += scores.to(rewards.dtype)
-    return rewards, kl
-
-
-def gae_advantages(
-    rewards: torch.Tensor,
-    values: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    gamma: float = 1.0,
-    lam: float = 0.95,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Generalised Advantage Estimation (Schulman et al. 2016) over completion tokens (B, T).
-
-      delta_t = r_t + gamma * V_{t+1} - V_t      (V after the last completion token is 0)
-      A_t     = delta_t + gamma * lam * A_{t+1}
-    Returns (advantages, returns = advantages + values), both zero outside the mask.
-    """
-    m = mask.to(values.dtype)
-    r, v = rewards * m, values * m
-    T = r.size(1)
-    adv = torch.zeros_like(v)
-    last = torch.zeros_like(v[:, 0])
-    for t in reversed(range(T)):
-        next_v = v[:, t + 1] if t + 1 < T else torch.zeros_like(last)
-        delta = r[:, t] + gamma * next_v - v[:, t]
-        last = (delta + gamma * lam * last) * m[:, t]
-        adv[:, t] = last
-    return adv, (adv + v) * m
-
-
-def ppo_policy_loss(
-    logps: torch.Tensor,
-    old_logps: torch.Tensor,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    clip_eps: float = 0.2,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """PPO's clipped surrogate (Schulman et al. 2017), token-level mean over the mask:
-
-      loss = mean(max(-A * ratio, -A * clip(ratio, 1-eps, 1+eps))),  ratio = exp(logp - old_logp)
-    Metrics: clip fraction (how often the clipped branch was chosen) and approximate KL to the sampling policy.
-    """
-    ratio = torch.exp(logps - old_logps)
-    unclipped = -advantages * ratio
-    clipped = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)
-    loss = masked_mean(torch.maximum(unclipped, clipped), mask)
-    with torch.no_grad():
-        clipfrac = masked_mean((clipped > unclipped).float(), mask)
-        approx_kl = masked_mean(0.5 * (logps - old_logps) ** 2, mask)
-    return loss, {"policy_loss": float(loss.detach()), "clipfrac": float(clipfrac), "approx_kl": float(approx_kl)}
-
-
-def ppo_value_loss(
-    values: torch.Tensor,
-    old_values: torch.Tensor,
-    returns: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    clip_range: float = 0.2,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """Clipped value loss: 0.5 * mean(max((V - R)^2, (clip(V, V_old +- c) - R)^2)) over the mask."""
-    v_clipped = old_values + torch.clamp(values - old_values, -clip_range, clip_range)
-    l1 = (values - returns) ** 2
-    l2 = (v_clipped - returns) ** 2
-    loss = 0.5 * masked_mean(torch.maximum(l1, l2), mask)
-    with torch.no_grad():
-        vf_clipfrac = masked_mean((l2 > l1).float(), mask)
-    return loss, {"value_loss": float(loss.detach()), "vf_clipfrac": float(vf_clipfrac)}
-
-
-# ---------------------------------------------------------------------------------------------- GRPO
-
-
-def grpo_advantages(rewards: torch.Tensor, group_size: int, *, scale: bool = True, eps: float = 1e-4) -> torch.Tensor:
-    """Group-relative advantages (Shao et al. 2024): each completion's reward minus its group's mean, divided by
-    the group's (unbiased) standard deviation when `scale`. `rewards` is (num_prompts * group_size,), grouped
-    contiguously. A group whose completions all scored the same gets zero advantage: nothing to learn from."""
-    if rewards.numel() % group_size:
-        raise ValueError(f"{rewards.numel()} rewards do not split into groups of {group_size}")
-    g = rewards.float().view(-1, group_size)
-    adv = g - g.mean(dim=1, keepdim=True)
-    if scale and group_size > 1:
-        adv = adv / (g.std(dim=1, keepdim=True) + eps)
-    return adv.reshape(-1)
-
-
-def grpo_loss(
-    logps: torch.Tensor,
-    old_logps: torch.Tensor,
-    ref_logps: torch.Tensor | None,
-    advantages: torch.Tensor,
-    mask: torch.Tensor,
-    *,
-    clip_eps: float = 0.2,
-    kl_coef: float = 0.04,
-) -> tuple[torch.Tensor, dict[str, float]]:
-    """GRPO's per-token clipped objective with the sequence advantage broadcast to every token, plus kl_coef
-    times the k3 KL estimator exp(ref - logp) - (ref - logp) - 1 (unbiased, always >= 0). Normalised over all
-    completion tokens in the batch (TRL's "bnpo"), so long completions are not down-weighted per token."""
-    adv = advantages.float().unsqueeze(-1)
-    ratio = torch.exp(logps - old_logps)
-    per_token = -torch.minimum(ratio * adv, torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps) * adv)
-    metrics: dict[str, float] = {}
-    if ref_logps is not None and kl_coef:
-        d = ref_logps - logps
-        kl = torch.exp(d) - d - 1
-        per_token = per_token + kl_coef * kl
-        metrics["kl"] = float(masked_mean(kl.detach(), mask))
-    loss = masked_mean(per_token, mask)
-    with torch.no_grad():
-        clipped = ((ratio < 1 - clip_eps) & (adv < 0)) | ((ratio > 1 + clip_eps) & (adv > 0))
-        metrics["clipfrac"] = float(masked_mean(clipped.float(), mask))
-    metrics["policy_loss"] = float(loss.detach())
-    return loss, metrics

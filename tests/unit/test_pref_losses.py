@@ -14,15 +14,9 @@ import torch
 
 from tunelab.preference_losses import (
     dpo_loss,
-    gae_advantages,
-    grpo_advantages,
-    grpo_loss,
     kto_kl_estimate,
     kto_loss,
     orpo_loss,
-    ppo_policy_loss,
-    ppo_token_rewards,
-    ppo_value_loss,
     reward_loss,
     simpo_loss,
 )
@@ -105,51 +99,6 @@ def test_reward_loss_by_hand() -> None:
     assert reward_loss(T([2.0]), T([1.0]), center_coef=0.01)[0].item() == pytest.approx(0.403262, abs=1e-6)
     _, m = reward_loss(T([2.0, 0.0]), T([1.0, 1.0]))
     assert m["rewards/accuracy"] == 0.5 and m["rewards/margin"] == pytest.approx(0.0)
-
-
-def test_gae_by_hand() -> None:
-    """One row, rewards (0, 1), values (0.5, 0.5), a padded third position (ignored), gamma 1.
-    lam 1:   delta = (0 + 0.5 - 0.5, 1 + 0 - 0.5) = (0, 0.5); A = (0.5, 0.5); returns = (1, 1).
-    lam 0.5: A_1 = 0.5, A_0 = 0 + 0.5 * 0.5 = 0.25; returns = (0.75, 1)."""
-    r, v, mask = T([[0.0, 1.0, 9.0]]), T([[0.5, 0.5, 9.0]]), T([[1, 1, 0]])
-    adv, ret = gae_advantages(r, v, mask, gamma=1.0, lam=1.0)
-    assert adv.tolist() == [[0.5, 0.5, 0.0]] and ret.tolist() == [[1.0, 1.0, 0.0]]
-    adv, ret = gae_advantages(r, v, mask, gamma=1.0, lam=0.5)
-    assert adv.tolist() == [[0.25, 0.5, 0.0]] and ret.tolist() == [[0.75, 1.0, 0.0]]
-
-
-def test_ppo_losses_by_hand() -> None:
-    """Policy: A = 1 on two tokens, ratios 1.5 and 0.5, eps 0.2.
-    token 1: max(-1.5, -1.2) = -1.2 (clipped); token 2: max(-0.5, -0.8) = -0.5; mean -0.85; clipfrac 0.5.
-    Value: V = 1, V_old = 0.5, R = 2, c = 0.2: clipped V = 0.7; max((1-2)^2, (0.7-2)^2) = 1.69; loss 0.845.
-    Shaped reward: logp - ref = (0.5, -0.5), kl_coef 0.1, score 1 at the last real token: (-0.05, 1.05, 0)."""
-    logps = torch.log(T([[1.5, 0.5]]))
-    loss, m = ppo_policy_loss(logps, torch.zeros(1, 2), torch.ones(1, 2), torch.ones(1, 2), clip_eps=0.2)
-    assert loss.item() == pytest.approx(-0.85) and m["clipfrac"] == 0.5
-    vloss, vm = ppo_value_loss(T([1.0]), T([0.5]), T([2.0]), T([1]), clip_range=0.2)
-    assert vloss.item() == pytest.approx(0.845) and vm["vf_clipfrac"] == 1.0
-    rewards, kl = ppo_token_rewards(T([1.0]), T([[-1.0, -1.0, -7.0]]), T([[-1.5, -0.5, 0.0]]), T([[1, 1, 0]]),
-                                    kl_coef=0.1)
-    assert rewards[0].tolist() == pytest.approx([-0.05, 1.05, 0.0]) and kl.tolist() == [[0.5, -0.5, 0.0]]
-
-
-def test_grpo_by_hand() -> None:
-    """Groups of 2: rewards (1, 0) -> mean 0.5, unbiased std 0.707107 -> advantages +-0.707007 (eps 1e-4);
-    a group (1, 1) has no spread -> (0, 0).
-    Loss with ratio 1 and ref == policy: -(mean of advantages over tokens). Advantages (1, -1), masks (1, 1)
-    and (1, 0): (-1 - 1 + 1) / 3 = -1/3. With ref - logp = 0.5 on every token the k3 KL is
-    e^0.5 - 0.5 - 1 = 0.148721, adding 0.04 * 0.148721."""
-    adv = grpo_advantages(T([1.0, 0.0, 1.0, 1.0]), group_size=2)
-    assert adv.tolist() == pytest.approx([0.707007, -0.707007, 0.0, 0.0], abs=1e-6)
-    with pytest.raises(ValueError):
-        grpo_advantages(T([1.0, 0.0, 1.0]), group_size=2)
-    lp = torch.full((2, 2), -1.0)
-    mask = T([[1, 1], [1, 0]])
-    loss, m = grpo_loss(lp, lp, lp, T([1.0, -1.0]), mask)
-    assert loss.item() == pytest.approx(-1 / 3)
-    loss_kl, m = grpo_loss(lp, lp, lp + 0.5, T([1.0, -1.0]), mask, kl_coef=0.04)
-    assert loss_kl.item() == pytest.approx(-1 / 3 + 0.04 * 0.148721, abs=1e-6)
-    assert m["kl"] == pytest.approx(0.148721, abs=1e-6)
 
 
 # ------------------------------------------------------------------------------------------------ TRL parity

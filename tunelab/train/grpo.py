@@ -3,11 +3,14 @@ reward functions (or a reward model), and push up the log-probs of completions t
 No value model. A KL penalty (k3 estimator) against the reference -- the same model with adapters disabled --
 keeps the policy close to where it started.
 
-Also home of what PPO shares: sampling completions (`sample`), scoring their tokens (`completion_forward`),
-and the built-in reward functions (`REWARD_FUNCTIONS`: json_valid, json_schema, regex, length).
+Each step rolls out every prompt it is handed, `group_size` times (tunelab/train/rollout.py: collect, then
+optimize). With `grpo.num_iterations` > 1 (or several `num_minibatches`) the same rollout feeds several
+optimizer steps and the log-probs recorded at sampling time are the old policy's, so the importance ratio
+moves off 1 and `clip_eps` bounds it (TRL's num_iterations); with one optimizer step per rollout the ratio is
+exactly 1 and clipping does nothing (the log-probs at sampling time are then not even computed).
 
-One rollout feeds one optimizer step, so the policy that sampled is the policy being updated (the importance
-ratio is exactly 1 and clipping only matters for the KL term); PPO shows the multi-epoch variant.
+Also home of sampling completions (`sample`, used by PPO too) and the built-in reward functions
+(`REWARD_FUNCTIONS`: json_valid, json_schema, regex, length).
 """
 
 from __future__ import annotations
@@ -15,16 +18,22 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 
-from tunelab.data.records import Conversation, Message
-from tunelab.data.templates import encode_prompt
-from tunelab.preference_losses import grpo_advantages, grpo_loss
-from tunelab.train.dpo import Reference, is_peft, unwrap
-from tunelab.train.loop import LoopContext, Method
+from tunelab.data.records import Message
+from tunelab.rl_losses import grpo_advantages, grpo_loss, k3_kl, masked_mean
+from tunelab.train.dpo import Reference, unwrap
+from tunelab.train.loop import LoopContext
+from tunelab.train.rollout import (
+    Experience,
+    PromptItem,
+    Rollout,
+    RolloutMethod,
+    completion_forward,
+    eval_mode,
+)
 
 # ------------------------------------------------------------------------------------------ reward functions
 
@@ -77,32 +86,7 @@ def build_reward(spec: Any) -> Callable[[str], float]:
     raise ValueError(spec.fn)
 
 
-# ------------------------------------------------------------------------------------------ rollouts
-
-
-@dataclass
-class PromptItem:
-    ids: list[int]
-    messages: tuple[Message, ...]
-
-
-def encode_prompt_item(tok: Any, record: Any, cfg: Any) -> PromptItem | None:
-    """Any conversation-family record: its prompt is everything before the last assistant turn."""
-    assert isinstance(record, Conversation)
-    msgs = record.prompt or record.messages
-    ids = encode_prompt(tok, list(msgs), cfg.data.system_prompt)
-    if len(ids) > cfg.data.max_seq_len:
-        ids = ids[-cfg.data.max_seq_len :]  # keep the end: the generation header must stay
-    return PromptItem(ids, tuple(msgs))
-
-
-@dataclass
-class Rollout:
-    input_ids: torch.Tensor  # (B, P + T): left-padded prompt, then completion (right-padded)
-    attention_mask: torch.Tensor
-    prompt_len: int
-    completion_mask: torch.Tensor  # (B, T): completion tokens up to and including the first end-of-turn
-    texts: list[str]
+# ------------------------------------------------------------------------------------------ sampling
 
 
 @torch.no_grad()
@@ -134,34 +118,11 @@ def sample(model: Any, tok: Any, prompts: list[list[int]], gen: Any) -> Rollout:
     return Rollout(torch.cat([ids.to(dev), comp], 1), torch.cat([mask.to(dev), cmask], 1), width, cmask, texts)
 
 
-def completion_forward(
-    model: Any, r: Rollout, value_head: Any = None
-) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
-    """Per-token log-probs of the completion tokens (B, T); with a value head, values at the same positions;
-    and the (detached) per-token entropy of the policy there."""
-    from tunelab.train.reward import backbone
-
-    pos = (r.attention_mask.cumsum(-1) - 1).clamp(min=0)
-    h = backbone(model)(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=pos,
-                        use_cache=False).last_hidden_state
-    h = h[:, r.prompt_len - 1 : -1]  # the state that predicts each completion token
-    base = unwrap(model).get_base_model() if is_peft(model) else unwrap(model)
-    logits = base.get_output_embeddings()(h).float()
-    targets = r.input_ids[:, r.prompt_len :]
-    logps = torch.log_softmax(logits, -1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    values = value_head(h).float() if value_head is not None else None
-    with torch.no_grad():
-        p = torch.softmax(logits, -1)
-        entropy = -(p * torch.log_softmax(logits, -1)).sum(-1)
-    return logps * r.completion_mask, values, entropy
-
-
 # ------------------------------------------------------------------------------------------ the method
 
 
-class GRPO(Method):
+class GRPO(RolloutMethod):
     name = "grpo"
-    expect = "conversation"
 
     def __init__(self, cfg: Any, tokenizer: Any) -> None:
         super().__init__(cfg, tokenizer)
@@ -171,16 +132,17 @@ class GRPO(Method):
         self.ref: Reference | None = None
         self.reward_model: Any = None
 
-    def encode(self, record: Any) -> PromptItem | None:
-        return encode_prompt_item(self.tokenizer, record, self.cfg)
+    @property
+    def samples_per_prompt(self) -> int:
+        return int(self.g.group_size)
 
-    def collate(self, items: list[Any]) -> dict[str, Any]:
-        # Prompts are generated from inside `loss`; the batch carries them as plain lists.
-        return {"prompts": [i.ids for i in items], "messages": [i.messages for i in items],
-                "num_prompts": torch.tensor(len(items))}
+    @property
+    def epochs(self) -> int:
+        return int(self.g.num_iterations)
 
-    def count(self, batch: dict[str, Any]) -> int:
-        return int(batch["num_prompts"])
+    @property
+    def minibatches(self) -> int:
+        return int(self.g.num_minibatches)
 
     def setup(self, ctx: LoopContext) -> None:
         if self.g.kl_coef > 0:
@@ -189,6 +151,9 @@ class GRPO(Method):
             from tunelab.train.reward import RewardModel
 
             self.reward_model = RewardModel.load(self.g.reward_model, device=ctx.accelerator.device)
+
+    def _sample(self, model: Any, prompts: list[list[int]]) -> Rollout:
+        return sample(model, self.tokenizer, prompts, self.g.generation)
 
     def score(self, messages: list[tuple[Message, ...]], texts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
         """Weighted sum of the reward functions (and the reward model), plus each one's batch sum for logging."""
@@ -204,38 +169,54 @@ class GRPO(Method):
             parts["r_model_sum"] = float(v.sum())
         return total, parts
 
-    def loss(self, model: Any, batch: dict[str, Any], num_items: float) -> tuple[torch.Tensor, dict[str, float]]:
-        g = self.g
-        n = int(batch["num_prompts"])
-        training = torch.is_grad_enabled()
-        group = g.group_size if training else 1
-        prompts = [p for p in batch["prompts"] for _ in range(group)]
-        messages = [m for m in batch["messages"] for _ in range(group)]
-        r = sample(model, self.tokenizer, prompts, g.generation)
-        rewards, parts = self.score(messages, r.texts)
-        stats = {"items": float(n), "samples": float(len(r.texts)), "reward_sum": float(rewards.sum()),
+    def _ref_logps(self, model: Any, r: Rollout) -> torch.Tensor | None:
+        if self.ref is None:
+            return None
+        with self.ref.context(model):
+            return completion_forward(self.ref.model(model), r)[0]
+
+    def rollout_batch(self, ctx: LoopContext, items: list[PromptItem]) -> Experience:
+        G, model = self.g.group_size, ctx.model
+        r = self._sample(model, [i.ids for i in items for _ in range(G)])
+        rewards, parts = self.score([i.messages for i in items for _ in range(G)], r.texts)
+        dev = r.input_ids.device
+        old = None
+        if self.optimizer_steps_per_step > 1:  # reused: the ratio against the sampling policy matters
+            with eval_mode(model):
+                old = completion_forward(model, r)[0]
+        stats = {"prompts": float(len(items)), "samples": float(len(r.texts)), "reward_sum": float(rewards.sum()),
                  "len_sum": float(r.completion_mask.sum()), **parts}
-        if not training:  # validation: how good are sampled completions? (lower loss = higher reward)
-            return -rewards.mean(), {**stats, "loss_sum": -float(rewards.sum())}
-        adv = grpo_advantages(rewards, group).to(r.input_ids.device)
-        ref_logps = None
-        if self.ref is not None:
-            with torch.no_grad(), self.ref.context(model):
-                ref_logps, _, _ = completion_forward(self.ref.model(model), r)
-        logps, _, _ = completion_forward(model, r)
-        loss, m = grpo_loss(logps, logps.detach(), ref_logps, adv, r.completion_mask, clip_eps=g.clip_eps,
-                            kl_coef=g.kl_coef)
-        scaled = loss * (n / num_items)  # the loss is a per-token mean over this micro-batch's prompts
-        return scaled, {**stats, "loss_sum": float(loss.detach()) * n, "kl_sum": m.get("kl", 0.0) * n}
+        return Experience(r, rewards.to(dev), grpo_advantages(rewards, G).to(dev), old, self._ref_logps(model, r),
+                          stats=stats)
+
+    def loss(self, model: Any, exp: Experience, num_tokens: float) -> tuple[torch.Tensor, dict[str, float]]:
+        g, mask = self.g, exp.rollout.completion_mask
+        logps, _, _ = completion_forward(model, exp.rollout)
+        old = exp.old_logps if exp.old_logps is not None else logps.detach()
+        loss, m = grpo_loss(logps, old, exp.ref_logps, exp.advantages, mask, clip_eps=g.clip_eps,
+                            kl_coef=g.kl_coef, num_tokens=num_tokens)
+        t = float(mask.sum())
+        out = {"opt_tokens": t, "loss_sum": (m["policy_loss"] + g.kl_coef * m.get("kl", 0.0)) * t,
+               "clipfrac_sum": m["clipfrac"] * t, "approx_kl_sum": m["approx_kl"] * t,
+               "ratio_mean_sum": m["ratio_mean"] * t}
+        if "kl" in m:
+            out.update(kl_sum=m["kl"] * t, kl_tokens=t)
+        return loss, out
+
+    def validate_batch(self, ctx: LoopContext, items: list[PromptItem]) -> dict[str, float]:
+        r = self._sample(ctx.model, [i.ids for i in items])
+        rewards, parts = self.score([i.messages for i in items], r.texts)
+        out = {"samples": float(len(r.texts)), "reward_sum": float(rewards.sum()),
+               "len_sum": float(r.completion_mask.sum()), **parts}
+        ref = self._ref_logps(ctx.model, r)
+        if ref is not None:
+            mask, t = r.completion_mask, float(r.completion_mask.sum())
+            out.update(kl_sum=float(masked_mean(k3_kl(completion_forward(ctx.model, r)[0], ref), mask)) * t,
+                       kl_tokens=t)
+        return out
 
     def summarize(self, sums: dict[str, float]) -> dict[str, float]:
-        n = max(sums.get("items", 0.0), 1.0)
-        s = max(sums.get("samples", 0.0), 1.0)
-        out = {"loss": sums.get("loss_sum", 0.0) / n, "reward": sums.get("reward_sum", 0.0) / s,
-               "completion_tokens": sums.get("len_sum", 0.0) / s}
-        if "kl_sum" in sums:
-            out["kl"] = sums["kl_sum"] / n
-        for k, v in sums.items():
-            if k.startswith("r_") and k.endswith("_sum"):
-                out[k[:-4]] = v / s
+        out = super().summarize(sums)
+        if sums.get("kl_tokens"):
+            out["kl"] = sums["kl_sum"] / sums["kl_tokens"]  # k3, per completion token
         return out

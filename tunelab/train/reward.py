@@ -66,7 +66,7 @@ def attach_head(ctx: LoopContext, name: str) -> ScalarHead:
     ctx.optimizer.add_param_group({"params": list(head.parameters()), "lr": lr, "initial_lr": lr, "weight_decay": 0.0})
     sch = ctx.scheduler
     sch.base_lrs.append(lr)
-    sch.lr_lambdas.append(lr_lambda(ctx.cfg, ctx.total_steps))
+    sch.lr_lambdas.append(lr_lambda(ctx.cfg, ctx.total_optimizer_steps))
     ctx.optimizer.param_groups[-1]["lr"] = lr * sch.lr_lambdas[-1](sch.last_epoch)
     sch._last_lr = [g["lr"] for g in ctx.optimizer.param_groups]
     return head

@@ -34,7 +34,16 @@ from tunelab.model.adapters import apply_finetune
 from tunelab.model.loading import bf16_supported, describe_parameters, load_model
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import fsdp
-from tunelab.train.loop import LoopContext, LoopState, Method, NonFiniteLoss, lr_lambda, plan_steps, run_loop
+from tunelab.train.hooks import finetune_hooks
+from tunelab.train.loop import (
+    LoopContext,
+    LoopState,
+    NonFiniteLoss,
+    TrainingMethod,
+    lr_lambda,
+    plan_steps,
+    run_loop,
+)
 from tunelab.train.tracking import Tracker, plot_loss
 
 # method name -> "module:Class". Each method is one readable file over the shared loop.
@@ -50,12 +59,12 @@ METHODS: dict[str, str] = {
 }
 
 
-def method_class(name: str) -> type[Method]:
+def method_class(name: str) -> type[TrainingMethod]:
     if name not in METHODS:
         raise TunelabError(f"unknown method {name!r} (available: {', '.join(sorted(METHODS))})", 2)
     mod, cls = METHODS[name].split(":")
     klass = getattr(importlib.import_module(mod), cls)
-    assert issubclass(klass, Method)
+    assert issubclass(klass, TrainingMethod)
     return klass
 
 
@@ -123,7 +132,7 @@ def warn_contamination(cfg: RunConfig, expect: str, train: list[Record], valid: 
             )
 
 
-def _encode_all(method: Method, records: list[Record], what: str, console: Any) -> list[Any]:
+def _encode_all(method: TrainingMethod, records: list[Record], what: str, console: Any) -> list[Any]:
     items = [method.encode(r) for r in records]
     kept = [i for i in items if i is not None]
     dropped = len(items) - len(kept)
@@ -219,9 +228,10 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
     if not train_items:
         raise TunelabError(f"{cfg.data.train}: no trainable examples", 1)
     steps_per_epoch, total_steps = plan_steps(cfg, len(train_items), accelerator.num_processes)
+    schedule_steps = total_steps * method.optimizer_steps_per_step  # RL takes several optimizer steps per step
 
     model = apply_finetune(
-        model, cfg.finetune, cfg.lora, total_steps=total_steps, gradient_checkpointing=cfg.train.gradient_checkpointing)
+        model, cfg.finetune, cfg.lora, total_steps=schedule_steps, gradient_checkpointing=cfg.train.gradient_checkpointing)
     if con is not None:
         con.print(f"[bold]{cfg.model.name}[/bold] · {cfg.finetune} · {cfg.method} · {describe_parameters(model)}")
     if sharded:
@@ -230,7 +240,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
             con.print(f"weights, gradients and optimizer state sharded (FSDP2) across {accelerator.num_processes} processes")
     bf16 = (cfg.model.dtype in ("auto", "bf16")) and bf16_supported(accelerator.device)
     optimizer = build_optimizer(cfg, model, con)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, schedule_steps))
     if sharded:
         optimizer = accelerator.prepare(optimizer)  # the model is FSDP's: accelerate must not wrap it in DDP
     else:
@@ -241,7 +251,8 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
                       train_items=train_items, valid_items=valid_items, total_steps=total_steps,
                       steps_per_epoch=steps_per_epoch, optimizer=optimizer, scheduler=scheduler,
                       weights_name="adapter" if cfg.uses_adapter else "model", config_yaml=config_yaml,
-                      console=con, bf16=bf16, on_checkpoint=on_checkpoint, sharded=sharded)
+                      console=con, bf16=bf16, on_checkpoint=on_checkpoint, sharded=sharded,
+                      hooks=finetune_hooks(cfg))
     found = ckpt.list_checkpoints(run_dir) if resume else []
     if not found and is_main:
         (run_dir / "config.yaml").write_text(config_yaml)
@@ -262,7 +273,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
         method.load_extra_state(ckpt.load_extra(found[-1]))
         scheduler.load_state_dict(sch_sd)
         ckpt.set_rng_state(rng)
-        ctx.state = LoopState(**state)
+        ctx.state = LoopState.from_dict(state)
         if con is not None:
             con.print(f"resuming from {found[-1]} (step {ctx.state.step}/{total_steps})")
     try:
