@@ -1,0 +1,130 @@
+"""`tunelab plan memory|cost|advise`: parse flags, call tunelab.plan, print. No logic lives here."""
+
+from __future__ import annotations
+
+import json
+
+from typing import Annotated, Any
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from tunelab.errors import TunelabError
+
+console = Console(highlight=False)
+plan_app = typer.Typer(no_args_is_help=True, help="Decide before training: advice, memory, cost.")
+
+
+def _gb(n: float) -> str:
+    return f"{n / 1e9:,.2f} GB"
+
+
+def memory_cmd(
+    model: Annotated[str, typer.Argument(help="built-in name, local folder, hub id (config only) or a preset: "
+                                              "llama-2-7b, llama-3.1-8b, mistral-7b, qwen2.5-7b, llama-65b")],
+    method: Annotated[str, typer.Option(help="full | lora | qlora | dora")] = "lora",
+    seq_len: Annotated[int, typer.Option(help="tokens per example")] = 1024,
+    batch: Annotated[int, typer.Option(help="examples per micro-batch per process")] = 1,
+    grad_ckpt: Annotated[bool, typer.Option("--grad-ckpt", help="gradient checkpointing")] = False,
+    optimizer: Annotated[str, typer.Option(help="adamw | adamw8bit | paged_adamw")] = "adamw",
+    dtype: Annotated[str, typer.Option(help="auto | bf16 | fp16 | fp32 (as model.dtype; auto keeps fp32 masters "
+                                            "for full fine-tuning)")] = "auto",
+    packing: Annotated[bool, typer.Option(help="padding-free packing (no attention mask)")] = True,
+    processes: Annotated[int, typer.Option(help="processes (GPUs) in the run")] = 1,
+    fsdp: Annotated[bool, typer.Option("--fsdp", help="shard weights, gradients and optimizer state (full)")] = False,
+    grad_accum: Annotated[int, typer.Option(help="micro-batches per optimizer step")] = 1,
+    lora_r: Annotated[int, typer.Option(help="LoRA rank")] = 16,
+    lora_targets: Annotated[str, typer.Option(help="all-linear or names, e.g. q_proj,v_proj")] = "all-linear",
+    lora_dropout: Annotated[float, typer.Option()] = 0.05,
+    attention: Annotated[str, typer.Option(help="sdpa | eager")] = "sdpa",
+    trained_fraction: Annotated[float, typer.Option(help="fraction of tokens with a loss")] = 1.0,
+    device: Annotated[str, typer.Option(help="cuda | cpu | auto (this machine's)")] = "auto",
+    budget: Annotated[str | None, typer.Option(help="memory to fit in, e.g. 24GB or 80GiB")] = None,
+    measure: Annotated[bool, typer.Option("--measure", help="run 3 real steps here and add measured_bytes")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Peak training memory: weights, gradients, optimizer state, activations, logits, adapters, overhead."""
+    from dataclasses import replace
+
+    from tunelab.plan.arch import load_arch
+    from tunelab.plan.memory import Shape, estimate, largest_batch, largest_seq_len, parse_bytes
+
+    choices = {"method": (method, ("full", "lora", "qlora", "dora")),
+               "optimizer": (optimizer, ("adamw", "adamw8bit", "paged_adamw")),
+               "dtype": (dtype, ("auto", "bf16", "fp16", "fp32")), "attention": (attention, ("sdpa", "eager")),
+               "device": (device, ("auto", "cuda", "cpu"))}
+    for flag, (val, ok) in choices.items():
+        if val not in ok:
+            raise TunelabError(f"--{flag} {val!r}: expected one of {', '.join(ok)}", 2)
+    import torch
+
+    from tunelab.model.loading import bf16_supported
+
+    dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+    targets = None if lora_targets == "all-linear" else tuple(t.strip() for t in lora_targets.split(",") if t.strip())
+    shape = Shape(method=method, seq_len=seq_len, batch=batch, grad_ckpt=grad_ckpt, optimizer=optimizer,  # type: ignore[arg-type]
+                  dtype=dtype, packing=packing, processes=processes, fsdp=fsdp, grad_accum=grad_accum,  # type: ignore[arg-type]
+                  lora_r=lora_r, lora_targets=targets, lora_dropout=lora_dropout, attention=attention,  # type: ignore[arg-type]
+                  trained_fraction=trained_fraction, device=dev,  # type: ignore[arg-type]
+                  bf16_ok=True if dev == "cuda" and not torch.cuda.is_available() else bf16_supported(torch.device(dev)))
+    arch = load_arch(model)
+    est = estimate(arch, shape)
+    out = est.to_json()
+    if budget is not None:
+        b = parse_bytes(budget)
+        out["budget"] = {"bytes": b, "fits": est.total_bytes <= b,
+                         "largest_batch_at_seq_len": largest_batch(arch, shape, b),
+                         "largest_seq_len_at_batch": largest_seq_len(arch, shape, b),
+                         "largest_batch_at_seq_len_with_grad_ckpt": largest_batch(arch, replace(shape, grad_ckpt=True), b)}
+    if measure:
+        from tunelab.plan.measure import measure as run_measure
+
+        m = run_measure(model, shape)
+        out["measure"] = m
+        out["measured_bytes"] = m["measured_bytes"]
+        ref = est.total_bytes - est.overhead_bytes
+        out["error_pct"] = round(100 * (ref - m["measured_bytes"]) / m["measured_bytes"], 1)
+    if as_json:
+        typer.echo(json.dumps(out, indent=1))
+        return
+    _print_memory(out, est)
+
+
+def _print_memory(out: dict[str, Any], est: Any) -> None:
+    s = est.shape
+    console.print(f"[bold]{est.model}[/bold] · {s.method} · seq {s.seq_len} x batch {s.batch}"
+                  f"{' · grad ckpt' if s.grad_ckpt else ''} · {s.optimizer} · dtype {s.dtype} · {s.device}"
+                  f"{f' · {s.processes} processes' if s.processes > 1 else ''}{' · fsdp' if s.fsdp else ''}")
+    console.print(f"params {est.params:,} · trainable {est.trainable_params:,}")
+    t = Table(show_header=True, header_style="bold")
+    t.add_column("part")
+    t.add_column("GB", justify="right")
+    t.add_column("GiB", justify="right")
+    for name, v in est.parts().items():
+        t.add_row(name, f"{v / 1e9:,.2f}", f"{v / 2**30:,.2f}")
+    t.add_row(f"[bold]peak ({est.peak_at})[/bold]", f"[bold]{est.total_bytes / 1e9:,.2f}[/bold]",
+              f"[bold]{est.total_bytes / 2**30:,.2f}[/bold]")
+    console.print(t)
+    console.print("[dim]the peak holds the parts alive at that moment: the activations and logits at the start "
+                  "of the backward pass, or the gradients at the optimizer step[/dim]")
+    for n in est.notes:
+        console.print(f"[dim]note: {n}[/dim]")
+    if "budget" in out:
+        b = out["budget"]
+        verdict = "[green]fits[/green]" if b["fits"] else "[red]does not fit[/red]"
+        console.print(f"budget {_gb(b['bytes'])}: {verdict}; largest micro-batch at seq {s.seq_len}: "
+                      f"{b['largest_batch_at_seq_len']} ({b['largest_batch_at_seq_len_with_grad_ckpt']} with "
+                      f"gradient checkpointing); largest seq len at batch {s.batch}: {b['largest_seq_len_at_batch']}")
+    if "measured_bytes" in out:
+        m = out["measure"]
+        console.print(f"measured ({m['steps']} steps, {m['how']}): {_gb(out['measured_bytes'])}; "
+                      f"estimate {out['error_pct']:+.1f}%")
+
+
+def register(app: typer.Typer, data_app: typer.Typer) -> None:
+    app.add_typer(plan_app, name="plan")
+    plan_app.command("memory")(memory_cmd)
+
+
+
