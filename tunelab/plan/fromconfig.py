@@ -40,3 +40,26 @@ def free_bytes(device: str) -> int:
     import psutil
 
     return int(psutil.virtual_memory().available)
+
+
+def report_estimate(cfg: RunConfig, device: str, processes: int, console: Any) -> Estimate | None:
+    """Print the peak-memory estimate before step 1, and a warning when it exceeds the free memory now.
+    SFT only (preference and RL methods hold reference models and heads the estimate does not model). An
+    estimate that cannot be made is said in one dim line and never stops training."""
+    if cfg.method != "sft":
+        return None
+    try:
+        est = estimate_for_config(cfg, device, processes)
+        free = free_bytes(device)
+    except Exception as e:  # the estimate is advice: a model it cannot read must not block the run
+        console.print(f"[dim]memory estimate unavailable: {getattr(e, 'message', e)}[/dim]")
+        return None
+    console.print(f"memory estimate: {est.total_bytes / 1e9:.2f} GB peak per process (weights "
+                  f"{est.weights_bytes / 1e9:.2f}, activations {est.activations_bytes / 1e9:.2f}, logits "
+                  f"{est.logits_bytes / 1e9:.2f}, optimizer {est.optimizer_bytes / 1e9:.2f}); "
+                  f"see `tunelab plan memory` for the breakdown")
+    if est.total_bytes > free:
+        console.print(f"[yellow]warning: the estimate ({est.total_bytes / 1e9:.2f} GB) exceeds the free "
+                      f"{'GPU' if device == 'cuda' else 'RAM'} memory ({free / 1e9:.2f} GB): lower train.batch_size "
+                      "or data.max_seq_len, or turn on train.gradient_checkpointing[/yellow]")
+    return est

@@ -285,12 +285,11 @@ def parse_bytes(text: str) -> int:
     t = text.strip().upper().replace(" ", "")
     units = {"TIB": 2**40, "GIB": GiB, "MIB": 2**20, "KIB": 2**10, "TB": 10**12, "GB": GB, "MB": 10**6,
              "KB": 10**3, "T": 10**12, "G": GB, "M": 10**6, "K": 10**3, "B": 1}
-    for u, mult in units.items():
+    num, mult = t, 1
+    for u, m in units.items():
         if t.endswith(u):
-            num = t[: -len(u)]
+            num, mult = t[: -len(u)], m
             break
-    else:
-        num, mult = t, 1
     try:
         val = float(num)
     except ValueError:
