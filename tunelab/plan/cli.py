@@ -121,9 +121,55 @@ def _print_memory(out: dict[str, Any], est: Any) -> None:
                       f"estimate {out['error_pct']:+.1f}%")
 
 
+def cost_cmd(
+    calls_per_month: Annotated[float, typer.Option(help="calls a month")],
+    prompt_tokens_removed: Annotated[float, typer.Option(help="prompt tokens a call no longer needs")] = 0,
+    prompt_tokens: Annotated[float, typer.Option(help="input tokens per call today (default: the removed ones)")] = 0,
+    output_tokens: Annotated[float, typer.Option(help="output tokens per call")] = 0,
+    input_price: Annotated[float, typer.Option(help="$ per 1M input tokens, model used today")] = 0.0,
+    output_price: Annotated[float, typer.Option(help="$ per 1M output tokens, model used today")] = 0.0,
+    new_input_price: Annotated[float | None, typer.Option(help="$ per 1M input tokens after switching model")] = None,
+    new_output_price: Annotated[float | None, typer.Option(help="$ per 1M output tokens after switching")] = None,
+    hosting_per_month: Annotated[float, typer.Option(help="$ a month to serve the fine-tuned model yourself")] = 0.0,
+    train_tokens: Annotated[float, typer.Option(help="training tokens per epoch")] = 0,
+    epochs: Annotated[float, typer.Option()] = 1.0,
+    tokens_per_s: Annotated[float | None, typer.Option(help="measured training throughput (tok/s)")] = None,
+    gpu_hour_price: Annotated[float, typer.Option(help="$ per GPU-hour")] = 0.0,
+    gpus: Annotated[int, typer.Option(help="GPUs training at once")] = 1,
+    train_price: Annotated[float | None, typer.Option(help="$ per 1M training tokens (hosted fine-tuning)")] = None,
+    extra_cost: Annotated[float, typer.Option(help="one-off $ besides compute (data, evaluation)")] = 0.0,
+    as_json: Annotated[bool, typer.Option("--json", help="print JSON")] = False,
+) -> None:
+    """Training cost against per-call savings: monthly saving and the break-even month."""
+    from tunelab.plan.cost import CostInputs, compute
+
+    r = compute(CostInputs(
+        calls_per_month=calls_per_month, prompt_tokens_removed=prompt_tokens_removed, prompt_tokens=prompt_tokens,
+        output_tokens=output_tokens, input_price=input_price, output_price=output_price,
+        new_input_price=new_input_price, new_output_price=new_output_price, hosting_per_month=hosting_per_month,
+        train_tokens=train_tokens, epochs=epochs, tokens_per_s=tokens_per_s, gpu_hour_price=gpu_hour_price,
+        gpus=gpus, train_price=train_price, extra_cost=extra_cost))
+    if as_json:
+        typer.echo(json.dumps(r, indent=1))
+        return
+    console.print(f"input tokens saved a month: {r['input_tokens_saved_per_month']:,.0f}")
+    console.print(f"monthly cost: ${r['monthly_cost_before']:,.2f} today -> ${r['monthly_cost_after']:,.2f} "
+                  f"fine-tuned; saving ${r['monthly_saving']:,.2f} a month")
+    hours = f", {r['gpu_hours']:,.2f} GPU-hours" if r["gpu_hours"] else ""
+    console.print(f"one-off: training ${r['training_cost']:,.2f} ({r['training_tokens']:,.0f} tokens"
+                  f"{hours}) + other "
+                  f"${r['one_off_cost'] - r['training_cost']:,.2f}")
+    if r["break_even_month"] is None:
+        console.print("[yellow]no break-even: fine-tuning does not save money at this volume[/yellow]")
+    else:
+        console.print(f"break-even in month {r['break_even_month']} ({r['break_even_months']:.2f} months); "
+                      f"first-year net ${r['first_year_net']:,.2f}")
+
+
 def register(app: typer.Typer, data_app: typer.Typer) -> None:
     app.add_typer(plan_app, name="plan")
     plan_app.command("memory")(memory_cmd)
+    plan_app.command("cost")(cost_cmd)
 
 
 
