@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Annotated, Any
 
 import typer
@@ -166,10 +167,70 @@ def cost_cmd(
                       f"first-year net ${r['first_year_net']:,.2f}")
 
 
+def advise_cmd(
+    config: Annotated[Path, typer.Argument(help="run config YAML (model, system prompt, eval metrics)")],
+    data: Annotated[Path, typer.Option(help="held-out eval JSONL (questions with reference answers)")],
+    train: Annotated[Path | None, typer.Option(help="training JSONL (default: the config's data.train)")] = None,
+    system_prompt: Annotated[str | None, typer.Option(help="instructions for the prompting option")] = None,
+    answers: Annotated[Path | None, typer.Option(help="YAML: data_changes, calls_per_month, target")] = None,
+    interactive: Annotated[bool, typer.Option("--interactive", help="ask the questions that cannot be measured")] = False,
+    k: Annotated[int, typer.Option(help="retrieved examples per question")] = 3,
+    probe_steps: Annotated[int, typer.Option(help="LoRA probe steps (0: skip the probe)")] = 30,
+    max_examples: Annotated[int | None, typer.Option(help="evaluate the first N examples")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="override eval.generation.max_new_tokens")] = None,
+    metric: Annotated[str | None, typer.Option(help="the deciding metric (default: json_valid for JSON answers, "
+                                                     "else contains_answer)")] = None,
+    out: Annotated[Path | None, typer.Option(help="folder for plan/advice.json and report.html "
+                                                  "(default: the config's output_dir)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the advice as JSON")] = False,
+) -> None:
+    """Measure prompting, retrieval (BM25 few-shot) and a short LoRA probe on your eval set, and recommend."""
+    from tunelab.config import load_config
+    from tunelab.eval.report import write_report
+    from tunelab.eval.run import write_json
+    from tunelab.plan.advise import Answers, advise, ask_answers, read_answers
+    from tunelab.plan.report import ADVICE
+
+    if k < 1 or probe_steps < 0:
+        raise TunelabError("--k must be >= 1 and --probe-steps >= 0", 2)
+    ans = read_answers(answers) if answers else Answers()
+    if interactive:
+        ans = ask_answers(lambda q, d: typer.prompt(q, default=d))
+    folder = out or Path(load_config(config).output_dir)
+    log = (lambda m: None) if as_json else (lambda m: console.print(f"[dim]{m}[/dim]"))
+    adv = advise(config, data, train=train, system_prompt=system_prompt, answers=ans, k=k, probe_steps=probe_steps,
+                 max_examples=max_examples, max_new_tokens=max_new_tokens, metric=metric,
+                 workdir=folder / "plan", log=log)
+    write_json(folder / ADVICE, adv)
+    report = write_report(folder)
+    if as_json:
+        typer.echo(json.dumps(adv, indent=1))
+        return
+    _print_advice(adv)
+    console.print(f"advice: {folder / ADVICE} · report: {report}")
+
+
+def _print_advice(adv: dict[str, Any]) -> None:
+    m = adv["metric"]
+    t = Table(title=f"{adv['model']} on {adv['data']} ({adv['n_examples']} examples)", header_style="bold")
+    for col in ("option", m, "prompt tokens/call", "latency s/call", "training s"):
+        t.add_column(col, justify="left" if col == "option" else "right")
+    for name, o in adv["options"].items():
+        t.add_row(name, f"{o[m]:.1%}", f"{o['prompt_tokens']:.0f}", f"{o['latency_s']:.2f}", f"{o['training_s']:.0f}")
+    t.add_row("constrained decoding", "unavailable", "", "", "")
+    console.print(t)
+    console.print(f"[dim]constrained decoding: {adv['constrained_decoding']['reason']}[/dim]")
+    rec = adv["recommendation"]
+    console.print(f"[bold]recommendation: {rec['choice']}[/bold]")
+    for r in rec["reasons"]:
+        console.print(f"  - {r}")
+
+
 def register(app: typer.Typer, data_app: typer.Typer) -> None:
     app.add_typer(plan_app, name="plan")
     plan_app.command("memory")(memory_cmd)
     plan_app.command("cost")(cost_cmd)
+    plan_app.command("advise")(advise_cmd)
 
 
 
