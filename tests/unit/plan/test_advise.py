@@ -114,16 +114,17 @@ def test_interactive_mode_asks(tmp_path: Path, tiny_dir: Path, monkeypatch: pyte
     assert ans == Answers("often", 5000.0, 0.8)
 
 
-def _advise_real(task: str, tmp_path: Path, steps: int, n: int, data: Path, cfg: Path) -> dict:
+def _advise_real(task: str, tmp_path: Path, steps: int, n: int, data: Path, cfg: Path, tokens: int) -> dict:
     from tunelab.plan.advise import advise
 
-    return advise(cfg, data, probe_steps=steps, max_examples=n, workdir=tmp_path / task)
+    return advise(cfg, data, probe_steps=steps, max_examples=n, workdir=tmp_path / task, max_new_tokens=tokens)
 
 
 @pytest.mark.slow
 def test_clinical_task_advice_is_fine_tune(tmp_path: Path) -> None:
     cfg = ROOT / "configs" / "demo_clinical_lora.yaml"
-    adv = _advise_real("clinical", tmp_path, 30, 12, ROOT / "tunelab" / "resources" / "clinical" / "test.jsonl", cfg)
+    adv = _advise_real("clinical", tmp_path, 30, 12, ROOT / "tunelab" / "resources" / "clinical" / "test.jsonl", cfg,
+                       128)
     o = adv["options"]
     assert adv["metric"] == "json_valid"
     assert o["prompting"]["json_valid"] <= 0.1 and o["fine-tune"]["json_valid"] >= 0.8
@@ -132,7 +133,7 @@ def test_clinical_task_advice_is_fine_tune(tmp_path: Path) -> None:
 
 @pytest.mark.slow
 def test_products_task_advice_is_retrieval(tmp_path: Path) -> None:
-    adv = _advise_real("products", tmp_path, 30, 20, PRODUCTS / "eval.jsonl", PRODUCTS / "config.yaml")
+    adv = _advise_real("products", tmp_path, 30, 20, PRODUCTS / "eval.jsonl", PRODUCTS / "config.yaml", 24)
     o = adv["options"]
     assert adv["metric"] == "contains_answer"
     assert o["retrieval"]["contains_answer"] >= o["prompting"]["contains_answer"] + 0.3
