@@ -18,7 +18,8 @@ layer (RMSNorm, q/k/v/o, SwiGLU MLP) as PyTorch and transformers run it in tunel
 - Under bf16 autocast with fp32 weights (full fine-tuning keeps fp32 masters) each linear casts its own copy
   of an fp32 input, and the bf16 copies of the weights are kept for the backward pass.
 - QLoRA's prepare_model_for_kbit_training casts every non-quantized parameter to fp32, so the residual stream
-  (and the MLP's elementwise tensors, which bitsandbytes returns in the input's dtype) is fp32.
+  (and the MLP's elementwise tensors, which bitsandbytes returns in the input's dtype) is fp32, and the fp32
+  LM head is cast to bf16 once per step under autocast.
 - The LM head runs only on trained positions (`logits_to_keep`); the loss upcasts logits to fp32 and keeps
   log-softmax; the backward pass holds the fp32 gradient of both.
 
@@ -212,6 +213,8 @@ def estimate(arch: Arch, s: Shape) -> Estimate:
         acts += (arch.linear_params + arch.vocab * arch.hidden) * c / shards  # bf16 weight copies kept
     if autocast and s.method != "full":
         acts += n_adapt * c  # bf16 copies of the adapters
+    if autocast and s.method == "qlora":
+        acts += arch.vocab * arch.hidden * c  # the LM head, fp32 after prepare_model_for_kbit_training, cast once
     if s.method == "full":
         acts += tokens * arch.hidden * c  # the LM head's input
     # LM head on kept positions: logits in compute dtype, the fp32 copy, log-softmax, and in the backward pass
