@@ -146,6 +146,12 @@ def measure(model_name: str, s: Shape, steps: int = 3, seed: int = 0) -> dict[st
     model, tok = load_model(model_name, dtype=dtype, load_in_4bit=s.method == "qlora", device=device)
     model = apply_finetune(model, s.method, cfg.lora, total_steps=steps, gradient_checkpointing=s.grad_ckpt)
     model.train()
+    # Weights loaded in the file's dtype stay mapped from the safetensors file: the first optimizer step writes
+    # them, copy-on-write turns them into anonymous pages, and RSS growth would count the weights twice.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.requires_grad and p.device.type == "cpu":
+                p.data = p.data.clone()
     method = SFT(cfg, tok)
     vocab = int(model.get_input_embeddings().weight.shape[0])
     g = torch.Generator().manual_seed(seed)
