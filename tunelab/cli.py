@@ -27,6 +27,7 @@ COMMAND_MODULES: list[str] = [
     "tunelab.jobs.cli",
     "tunelab.train.cli_pref",
     "tunelab.registry.cli",
+    "tunelab.plan.cli",
 ]
 
 

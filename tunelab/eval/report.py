@@ -239,6 +239,8 @@ def samples_section(res: dict[str, Any] | None, n: int) -> str:
 
 
 def render(run: Path) -> str:
+    from tunelab.plan.report import plan_section  # `tunelab plan advise` writes RUN/plan/advice.json
+
     if not run.is_dir():
         raise TunelabError(f"{run}: no such run folder", 2)
     cfg: dict[str, Any] = {}
@@ -259,7 +261,7 @@ def render(run: Path) -> str:
     created = _dt.datetime.now(_dt.UTC).strftime("%Y-%m-%d %H:%M UTC")
     body = "".join([
         f"<h1>tunelab report: {escape(run.resolve().name)}</h1>", summary,
-        loss_section(run), metrics_section(res), winrate_section(run), forgetting_section(res),
+        plan_section(run), loss_section(run), metrics_section(res), winrate_section(run), forgetting_section(res),
         samples_section(res, int(n_samples)),
         f'<p class="muted">Generated {created} by tunelab report. Self-contained: no network needed.</p>',
     ])

@@ -210,6 +210,10 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
     accelerator.wait_for_everyone()
     set_seed(cfg.train.seed)
     klass = method_class(cfg.method)
+    if con is not None:
+        from tunelab.plan.fromconfig import report_estimate
+
+        report_estimate(cfg, accelerator.device.type, accelerator.num_processes, con)
 
     # Model first: validation needs the real tokenizer and chat template.
     full = cfg.finetune == "full"
