@@ -17,7 +17,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tunelab.engine.sampling import make_generator, pick_tokens
+from tunelab.engine.sampling import chosen_logprobs, make_generator, penalize_repeats, pick_tokens
 from tunelab.engine.text import StopMatcher
 from tunelab.engine.types import EngineError, FinishReason, GenerationEvent, GenerationRequest
 
@@ -34,6 +34,8 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: bool = False
+    stop_token: int | None = None  # the end-of-turn/EOS token that finished it, if one did
+    logprobs: list[float] = field(default_factory=list)  # per token (stop token last) when sampling.logprobs
 
     def __post_init__(self) -> None:
         self.matcher = StopMatcher(self.request.sampling.stop)
@@ -117,9 +119,19 @@ def _pick_and_advance(
     state: _Running, eos_ids: set[int], decode: Callable[[list[int]], str], device: torch.device
 ) -> int:
     """Pick each row's next token, send its text, and drop the rows that finished or were cancelled."""
-    picks = pick_tokens(state.logits, [s.request.sampling for s in state.rows], state.gens)
-    keep = [i for i, (seq, tok) in enumerate(zip(state.rows, picks, strict=True))
-            if not seq.cancelled.is_set() and _advance(seq, tok, eos_ids, decode) is None]
+    params = [s.request.sampling for s in state.rows]
+    logits = state.logits
+    if any(p.repetition_penalty != 1.0 for p in params):
+        logits = penalize_repeats(logits, [s.prompt_ids + s.generated for s in state.rows], params)
+    picks = pick_tokens(logits, params, state.gens)
+    # Log-probs of the model's own distribution (before temperature and penalties), as HF's raw logits give.
+    chosen = chosen_logprobs(state.logits, picks) if any(p.logprobs for p in params) else None
+    keep: list[int] = []
+    for i, (seq, tok) in enumerate(zip(state.rows, picks, strict=True)):
+        if chosen is not None and seq.request.sampling.logprobs:
+            seq.logprobs.append(chosen[i])
+        if not seq.cancelled.is_set() and _advance(seq, tok, eos_ids, decode) is None:
+            keep.append(i)
     produced = len(state.rows)
     if len(keep) < len(state.rows):
         if keep:
@@ -202,6 +214,7 @@ def _advance(seq: Sequence, tok: int, eos_ids: set[int], decode: Callable[[list[
     """Record one token for `seq`, send what text is safe to send; return a finish reason when done."""
     sp = seq.request.sampling
     if tok in eos_ids:
+        seq.stop_token = tok
         n = len(seq.generated) + 1
         seq.push(GenerationEvent(seq.matcher.flush(), n, "stop"))
         return "stop"
