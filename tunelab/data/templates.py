@@ -102,8 +102,8 @@ def _derive_end_of_turn(tok: Any) -> EndOfTurn:
     if hits:
         pos, _, marker = min(hits)  # the earliest special token, the longest one at a tie
         if not closing[:pos].strip():
-            tid = int(tok.convert_tokens_to_ids(marker))
-            return EndOfTurn(marker, tid, frozenset({tid} | ({eos} if eos is not None else set())))
+            one = int(tok.convert_tokens_to_ids(marker))
+            return EndOfTurn(marker, one, frozenset({one} | ({eos} if eos is not None else set())))
     marker = closing.strip()
     if not marker:  # the template writes nothing after a reply: the model is expected to emit EOS
         return EndOfTurn("", None, frozenset({eos} if eos is not None else set()))

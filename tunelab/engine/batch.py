@@ -82,7 +82,7 @@ class EngineStream:
                 self.cancel()  # the consumer stopped early (client gone): stop generating
 
 
-def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -107,7 +107,7 @@ class _Running:
 
 
 def _prefill(model: Any, rows: list[Sequence], kwargs: dict[str, Any], pad_id: int, device: torch.device) -> _Running:
-    ids, mask = _left_pad([s.prompt_ids for s in rows], pad_id, device)
+    ids, mask = left_pad([s.prompt_ids for s in rows], pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
                 **kwargs)

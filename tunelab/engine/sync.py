@@ -20,7 +20,7 @@ from typing import Any, cast
 import torch
 
 from tunelab.data.templates import EndOfTurn, end_of_turn, render_prompt_ids
-from tunelab.engine.batch import Sequence, run_batch
+from tunelab.engine.batch import Sequence, left_pad, run_batch
 from tunelab.engine.types import EngineError, FinishReason, GenerationEvent, GenerationRequest, SamplingParams
 
 
@@ -120,7 +120,7 @@ def sample(
     model.eval()  # no dropout while generating
     try:
         with torch.no_grad():
-            first = seqs[:max_batch_size]
+            first: list[Sequence] = list(seqs[:max_batch_size])
             while True:
                 run_batch(model, first, forward_kwargs=lambda rows: {}, decode=lambda ids: decode(tok, ids),
                           eos_ids=set(rule.stop_ids), pad_id=pad_id(tok, rule), device=_device(model), admit=admit)
@@ -150,3 +150,40 @@ def sample_chat(
     """`sample` for chat conversations (OpenAI-style message dicts), rendered with the chat template."""
     return sample(model, tok, [chat_prompt_ids(tok, list(c)) for c in conversations], sampling,
                   max_batch_size=max_batch_size)
+
+
+@dataclass(frozen=True)
+class RolloutBatch:
+    """Sampled completions laid out for scoring them with one forward: (B, P + T) ids and attention mask with
+    prompts left-padded to width P and completions right-padded to T; `completion_mask` (B, T) marks the
+    completion tokens, the stop token included (the token RL trains to end on)."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    prompt_len: int
+    completion_mask: torch.Tensor
+    texts: list[str]
+    completions: list[Completion]
+
+
+def sample_rollouts(
+    model: Any, tok: Any, prompts: Seq[list[int]], *, max_tokens: int, temperature: float, top_k: int = 0,
+    max_batch_size: int = 64,
+) -> RolloutBatch:
+    """RL rollouts: one sampled completion per prompt, each row seeded from torch's global RNG (so a seeded
+    run repeats), with per-token log-probs recorded."""
+    seeds = torch.randint(0, 2**62, (len(prompts),)).tolist()
+    params = [SamplingParams(max_tokens, temperature, top_k=top_k, seed=int(s), logprobs=True) for s in seeds]
+    outs = sample(model, tok, prompts, params, max_batch_size=max_batch_size)
+    rule = stop_rule(tok)
+    dev = _device(model)
+    ids, mask = left_pad([list(p) for p in prompts], pad_id(tok, rule), dev)
+    width = max(len(o.token_ids) for o in outs)
+    comp = torch.full((len(outs), width), pad_id(tok, rule), dtype=torch.long)
+    cmask = torch.zeros((len(outs), width), dtype=torch.long)
+    for i, o in enumerate(outs):
+        comp[i, : len(o.token_ids)] = torch.tensor(o.token_ids, dtype=torch.long)
+        cmask[i, : len(o.token_ids)] = 1
+    comp, cmask = comp.to(dev), cmask.to(dev)
+    return RolloutBatch(torch.cat([ids, comp], 1), torch.cat([mask, cmask], 1), ids.shape[1], cmask,
+                        [o.text for o in outs], outs)
