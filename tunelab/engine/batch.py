@@ -62,6 +62,11 @@ class EngineStream:
         """Tokens generated so far (EOS excluded); for tests and benchmarks."""
         return list(self._seq.generated)
 
+    @property
+    def logprobs(self) -> list[float]:
+        """Log-prob of each generated token (the stop token last) when the request asked for them."""
+        return list(self._seq.logprobs)
+
     def cancel(self) -> None:
         self._seq.cancelled.set()
 
