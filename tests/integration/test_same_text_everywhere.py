@@ -23,7 +23,7 @@ MAX_TOKENS = 24
 def cli(*args: str) -> subprocess.CompletedProcess[bytes]:
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     return subprocess.run([sys.executable, "-c", "from tunelab.cli import main; main()", *args], env=env,
-                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, timeout=300, check=False)
+                          capture_output=True, timeout=300, check=False)
 
 
 def test_generate_eval_and_serve_agree(tmp_path: Path, tiny_dir: Path) -> None:
