@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 from tunelab.data.records import Conversation, Message
@@ -79,3 +80,23 @@ def _check_sampling(max_tokens: int, temperature: float, top_p: float) -> None:
         raise TunelabError(f"temperature must be between 0 and 2, got {temperature}", 2)
     if not 0 < top_p <= 1:
         raise TunelabError(f"top_p must be in (0, 1], got {top_p}", 2)
+
+
+class LocalChatClient:
+    """The slice of the `openai` client that the judge and synth use (`client.chat.completions.create(...)`),
+    answered in this process by a `Generator`: `base_url: local` points them at a local model (base name or
+    run folder in `model`) without starting a server; same engine, same stop rule."""
+
+    def __init__(self, generator: Generator) -> None:
+        self.generator = generator
+        self.chat = SimpleNamespace(completions=SimpleNamespace(create=self._create))
+
+    def _create(self, *, model: str, messages: list[dict[str, Any]], temperature: float = 1.0,
+                max_tokens: int | None = None, top_p: float = 1.0, seed: int | None = None,
+                stop: str | list[str] | None = None, **_ignored: Any) -> Any:
+        stops = [stop] if isinstance(stop, str) else list(stop or ())
+        (out,) = self.generator.generate([messages], max_tokens=max_tokens or 256, temperature=temperature,
+                                         top_p=top_p, seed=seed, stop=stops)
+        message = SimpleNamespace(role="assistant", content=out.text)
+        return SimpleNamespace(model=model, choices=[SimpleNamespace(index=0, message=message,
+                                                                     finish_reason=out.finish_reason)])
