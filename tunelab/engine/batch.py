@@ -4,11 +4,17 @@ and concatenated). Knows nothing about adapters beyond the per-row names it forw
 
 A sequence's output goes to its asyncio queue on the server's event loop (thread-safe hand-off), so the
 worker thread never blocks on a slow client.
+
+Failures stay with their row: an exception while preparing, sampling or recording one row ends that row
+alone with an error; a failed forward pass ends the rows it covered (a joiners' prefill fails only the
+joiners); and every row that entered the batch always gets a final event or an error, never silence.
+The exception goes to the log with the row's request id; the client's error says only that id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
@@ -17,9 +23,11 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tunelab.engine.sampling import chosen_logprobs, make_generator, penalize_repeats, pick_tokens
+from tunelab.engine.sampling import chosen_logprob, make_generator, penalize_row, sample_row
 from tunelab.engine.text import StopMatcher
 from tunelab.engine.types import EngineError, FinishReason, GenerationEvent, GenerationRequest
+
+log = logging.getLogger(__name__)
 
 
 @dataclass(eq=False)
@@ -87,7 +95,7 @@ class EngineStream:
                 self.cancel()  # the consumer stopped early (client gone): stop generating
 
 
-def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+def _left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     width = max(len(r) for r in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     mask = torch.zeros((len(rows), width), dtype=torch.long)
@@ -111,32 +119,67 @@ class _Running:
     picks: list[int] = field(default_factory=list)
 
 
-def _prefill(model: Any, rows: list[Sequence], kwargs: dict[str, Any], pad_id: int, device: torch.device) -> _Running:
-    ids, mask = left_pad([s.prompt_ids for s in rows], pad_id, device)
+def fail_row(seq: Sequence, error: BaseException, what: str) -> None:
+    """End one row with an error: the exception goes to the log under the row's request id, the client gets
+    only that id."""
+    rid = seq.request.request_id
+    log.error("request %s: %s failed", rid, what, exc_info=error)
+    if not seq.done:
+        seq.push(EngineError(f"generation failed for request {rid}; the server log has the details",
+                             code="generation_failed"))
+
+
+def _prefill(
+    model: Any, rows: list[Sequence], forward_kwargs: Callable[[list[Sequence]], dict[str, Any]], pad_id: int,
+    device: torch.device,
+) -> _Running | None:
+    """Prefill `rows` together; None when no row is left (a row whose sampler cannot be built fails alone)."""
+    gens: list[torch.Generator | None] = []
+    ready: list[Sequence] = []
+    for s in rows:
+        try:
+            gens.append(make_generator(s.request.sampling, device))
+            ready.append(s)
+        except Exception as e:
+            fail_row(s, e, "setting up its sampler")
+    if not ready:
+        return None
+    ids, mask = _left_pad([s.prompt_ids for s in ready], pad_id, device)
     positions = (mask.cumsum(-1) - 1).clamp(min=0)
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=True, logits_to_keep=1,
-                **kwargs)
-    gens = [make_generator(s.request.sampling, device) for s in rows]
-    return _Running(rows, gens, out.past_key_values, mask, positions[:, -1], out.logits[:, -1, :])
+                **forward_kwargs(ready))
+    return _Running(ready, gens, out.past_key_values, mask, positions[:, -1], out.logits[:, -1, :])
+
+
+def _pick_one(state: _Running, i: int, greedy: list[int], eos_ids: set[int],
+              decode: Callable[[list[int]], str]) -> tuple[bool, int]:
+    """(keep the row, its token): pick row i's token and record it; an exception fails that row alone."""
+    seq, gen = state.rows[i], state.gens[i]
+    if seq.cancelled.is_set():
+        return False, 0
+    try:
+        sp = seq.request.sampling
+        logits, best = state.logits[i], greedy[i]
+        if sp.repetition_penalty != 1.0:
+            logits = penalize_row(logits, seq.prompt_ids + seq.generated, sp.repetition_penalty)
+            best = int(logits.argmax())
+        tok = best if sp.temperature == 0 or gen is None else sample_row(logits, sp, gen)
+        if sp.logprobs:  # the model's own distribution (before temperature and penalties), as HF's raw logits
+            seq.logprobs.append(chosen_logprob(state.logits[i], tok))
+        return _advance(seq, tok, eos_ids, decode) is None, tok
+    except Exception as e:
+        fail_row(seq, e, "picking its next token")
+        return False, 0
 
 
 def _pick_and_advance(
     state: _Running, eos_ids: set[int], decode: Callable[[list[int]], str], device: torch.device
 ) -> int:
-    """Pick each row's next token, send its text, and drop the rows that finished or were cancelled."""
-    params = [s.request.sampling for s in state.rows]
-    logits = state.logits
-    if any(p.repetition_penalty != 1.0 for p in params):
-        logits = penalize_repeats(logits, [s.prompt_ids + s.generated for s in state.rows], params)
-    picks = pick_tokens(logits, params, state.gens)
-    # Log-probs of the model's own distribution (before temperature and penalties), as HF's raw logits give.
-    chosen = chosen_logprobs(state.logits, picks) if any(p.logprobs for p in params) else None
-    keep: list[int] = []
-    for i, (seq, tok) in enumerate(zip(state.rows, picks, strict=True)):
-        if chosen is not None and seq.request.sampling.logprobs:
-            seq.logprobs.append(chosen[i])
-        if not seq.cancelled.is_set() and _advance(seq, tok, eos_ids, decode) is None:
-            keep.append(i)
+    """Pick each row's next token, send its text, and drop the rows that finished, failed or were cancelled."""
+    greedy: list[int] = state.logits.argmax(dim=-1).tolist()
+    picked = [_pick_one(state, i, greedy, eos_ids, decode) for i in range(len(state.rows))]
+    keep = [i for i, (kept, _) in enumerate(picked) if kept]
+    picks = [tok for _, tok in picked]
     produced = len(state.rows)
     if len(keep) < len(state.rows):
         if keep:
@@ -189,30 +232,54 @@ def run_batch(
     rows = [s for s in seqs if not s.cancelled.is_set()]
     if not rows:
         return 0
-    state = _prefill(model, rows, forward_kwargs(rows), pad_id, device)
-    if not _joinable(state.cache):
-        admit = None
+    admitted = list(rows)  # every row that entered: each must end with a final event or an error
     produced = 0
-    while True:
-        produced += _pick_and_advance(state, eos_ids, decode, device)
-        joiners = admit(state.rows) if admit is not None else []
-        joiners = [s for s in joiners if not s.cancelled.is_set()]
-        if joiners:
-            new = _prefill(model, joiners, forward_kwargs(joiners), pad_id, device)
-            produced += _pick_and_advance(new, eos_ids, decode, device)
+    try:
+        state = _prefill(model, rows, forward_kwargs, pad_id, device)
+        if state is None:
+            return 0
+        if not _joinable(state.cache):
+            admit = None
+        while True:
+            produced += _pick_and_advance(state, eos_ids, decode, device)
+            joiners = admit(state.rows) if admit is not None else []
+            joiners = [s for s in joiners if not s.cancelled.is_set()]
+            admitted += joiners
+            new = _prefill_joiners(model, joiners, forward_kwargs, pad_id, device) if joiners else None
+            if new is not None:
+                produced += _pick_and_advance(new, eos_ids, decode, device)
+                if not state.rows:
+                    state = new
+                elif new.rows:
+                    _join(state, new)
             if not state.rows:
-                state = new
-            elif new.rows:
-                _join(state, new)
-        if not state.rows:
-            return produced
-        state.mask = torch.cat([state.mask, state.mask.new_ones((len(state.rows), 1))], dim=-1)
-        state.last_pos = state.last_pos + 1
-        step = torch.tensor(state.picks, dtype=torch.long, device=device)[:, None]
-        out = model(input_ids=step, attention_mask=state.mask, position_ids=state.last_pos[:, None],
-                    past_key_values=state.cache, use_cache=True, **forward_kwargs(state.rows))
-        state.cache = out.past_key_values
-        state.logits = out.logits[:, -1, :]
+                return produced
+            state.mask = torch.cat([state.mask, state.mask.new_ones((len(state.rows), 1))], dim=-1)
+            state.last_pos = state.last_pos + 1
+            step = torch.tensor(state.picks, dtype=torch.long, device=device)[:, None]
+            out = model(input_ids=step, attention_mask=state.mask, position_ids=state.last_pos[:, None],
+                        past_key_values=state.cache, use_cache=True, **forward_kwargs(state.rows))
+            state.cache = out.past_key_values
+            state.logits = out.logits[:, -1, :]
+    except Exception as e:
+        # A forward over several rows failed: which row caused it cannot be told, so the rows still running end.
+        for seq in admitted:
+            if not seq.done:
+                fail_row(seq, e, "the batch's forward pass")
+        return produced
+
+
+def _prefill_joiners(
+    model: Any, joiners: list[Sequence], forward_kwargs: Callable[[list[Sequence]], dict[str, Any]], pad_id: int,
+    device: torch.device,
+) -> _Running | None:
+    """The joiners' own prefill: if it fails, only the joiners fail; the running batch goes on."""
+    try:
+        return _prefill(model, joiners, forward_kwargs, pad_id, device)
+    except Exception as e:
+        for seq in joiners:
+            fail_row(seq, e, "its prefill (joining a running batch)")
+        return None
 
 
 def _advance(seq: Sequence, tok: int, eos_ids: set[int], decode: Callable[[list[int]], str]) -> FinishReason | None:

@@ -14,12 +14,15 @@ import torch
 
 from tunelab.engine.types import SamplingParams
 
+SEED_SPACE = 2**64  # what torch.Generator.manual_seed accepts (as an unsigned 64-bit number)
+
 
 def make_generator(params: SamplingParams, device: torch.device) -> torch.Generator | None:
     if params.temperature == 0:
         return None
     g = torch.Generator(device=device)
-    g.manual_seed(params.seed if params.seed is not None else secrets.randbits(63))
+    # The server bounds seeds; other callers' seeds are folded into torch's range rather than raising mid-batch.
+    g.manual_seed(params.seed % SEED_SPACE if params.seed is not None else secrets.randbits(63))
     return g
 
 
@@ -42,29 +45,31 @@ def pick_tokens(
     for i, (sp, gen) in enumerate(zip(params, generators, strict=True)):
         if sp.temperature == 0 or gen is None:
             continue
-        row = logits[i].float() / sp.temperature
-        if 0 < sp.top_k < row.shape[-1]:
-            kth = row.topk(sp.top_k).values[-1]
-            row = row.masked_fill(row < kth, float("-inf"))
-        probs = torch.softmax(row, dim=-1)
-        probs = top_p_filter(probs, sp.top_p)
-        picks[i] = int(torch.multinomial(probs, 1, generator=gen).item())
+        picks[i] = sample_row(logits[i], sp, gen)
     return picks
 
 
-def penalize_repeats(logits: torch.Tensor, seen: list[list[int]], params: list[SamplingParams]) -> torch.Tensor:
-    """A copy of logits (batch, vocab) with each row's already-seen tokens penalized by its repetition_penalty."""
+def sample_row(logits: torch.Tensor, sp: SamplingParams, gen: torch.Generator) -> int:
+    """One sampling row's next token from its (vocab,) logits."""
+    row = logits.float() / sp.temperature
+    if 0 < sp.top_k < row.shape[-1]:
+        kth = row.topk(sp.top_k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    probs = top_p_filter(torch.softmax(row, dim=-1), sp.top_p)
+    return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+def penalize_row(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
+    """A copy of one row's (vocab,) logits with the already-seen tokens penalized (HF's repetition penalty)."""
     out = logits.clone()
-    for i, (ids, sp) in enumerate(zip(seen, params, strict=True)):
-        if sp.repetition_penalty == 1.0 or not ids:
-            continue
-        idx = torch.tensor(sorted(set(ids)), dtype=torch.long, device=logits.device)
-        vals = out[i, idx]
-        out[i, idx] = torch.where(vals < 0, vals * sp.repetition_penalty, vals / sp.repetition_penalty)
+    if penalty == 1.0 or not seen:
+        return out
+    idx = torch.tensor(sorted(set(seen)), dtype=torch.long, device=logits.device)
+    vals = out[idx]
+    out[idx] = torch.where(vals < 0, vals * penalty, vals / penalty)
     return out
 
 
-def chosen_logprobs(logits: torch.Tensor, picks: list[int]) -> list[float]:
-    """log p(pick) per row under the softmax of `logits` (in fp32)."""
-    idx = torch.tensor(picks, dtype=torch.long, device=logits.device)[:, None]
-    return torch.log_softmax(logits.float(), dim=-1).gather(-1, idx).squeeze(-1).tolist()  # type: ignore[no-any-return]
+def chosen_logprob(logits: torch.Tensor, token: int) -> float:
+    """log p(token) under the softmax of one row's (vocab,) logits, in fp32."""
+    return float(torch.log_softmax(logits.float(), dim=-1)[token])

@@ -20,7 +20,8 @@ from typing import Any, cast
 import torch
 
 from tunelab.data.templates import EndOfTurn, end_of_turn, render_prompt_ids
-from tunelab.engine.batch import Sequence, left_pad, run_batch
+from tunelab.engine.batch import Sequence, run_batch
+from tunelab.engine.batch import _left_pad as left_pad
 from tunelab.engine.types import EngineError, FinishReason, GenerationEvent, GenerationRequest, SamplingParams
 
 
