@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Annotated
 
@@ -145,34 +146,66 @@ def merge_cmd(
     console.print(f"merged model written to {p}")
 
 
+def _write_raw(text: str) -> None:
+    """Exactly these bytes (UTF-8) on stdout: no wrapping, no markup, nothing added."""
+    out = getattr(sys.stdout, "buffer", None)
+    if out is None:  # a replaced stdout (tests): text only
+        sys.stdout.write(text)
+    else:
+        sys.stdout.flush()
+        out.write(text.encode("utf-8"))
+    sys.stdout.flush()
+
+
 def generate_cmd(
     target: Annotated[str, typer.Argument(help="base model name, run folder or adapter folder")],
-    prompt: Annotated[list[str], typer.Option("--prompt", help="user message (repeatable)")],
-    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
-    max_tokens: Annotated[int, typer.Option()] = 256,
-    temperature: Annotated[float, typer.Option()] = 0.0,
+    prompt: Annotated[list[str], typer.Option("--prompt", help="user message (repeatable: one reply each)")],
+    system: Annotated[str | None, typer.Option(help="system prompt (default: the run's data.system_prompt)")] = None,
+    max_tokens: Annotated[int, typer.Option(help="most tokens to generate")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.0,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="makes sampling repeatable")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="stop string (repeatable)")] = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print one JSON object: choices and usage")] = False,
 ) -> None:
-    """Generate a reply from a base or fine-tuned model."""
+    """Generate a reply from a base or fine-tuned model, through the same engine as `tunelab serve`.
+
+    Piped (stdout not a terminal), the model's text is written byte for byte, replies separated by a newline.
+    """
     from tunelab.generate import Generator
 
     gen = Generator.load(target)
-    for p in prompt:
-        out = gen.chat([{"role": "user", "content": p}], system=system, max_new_tokens=max_tokens,
-                       temperature=temperature)
-        console.print(out)
+    outs = gen.generate([[{"role": "user", "content": p}] for p in prompt], system=system, max_tokens=max_tokens,
+                        temperature=temperature, top_p=top_p, seed=seed, stop=stop or ())
+    if as_json:
+        prompt_tokens = sum(o.prompt_tokens for o in outs)
+        completion_tokens = sum(len(o.token_ids) for o in outs)
+        obj = {"model": target, "choices": [{"index": i, "prompt": p, "text": o.text, "finish_reason": o.finish_reason}
+                                            for i, (p, o) in enumerate(zip(prompt, outs, strict=True))],
+               "usage": {"prompt_tokens": prompt_tokens, "completion_tokens": completion_tokens,
+                         "total_tokens": prompt_tokens + completion_tokens}}
+        _write_raw(json.dumps(obj, ensure_ascii=False) + "\n")
+    elif not sys.stdout.isatty():
+        _write_raw("\n".join(o.text for o in outs))
+    else:
+        for o in outs:
+            console.print(o.text, markup=False, highlight=False)
 
 
 def chat_cmd(
     target: Annotated[str, typer.Argument(help="base model name, run folder or adapter folder")],
-    system: Annotated[str | None, typer.Option(help="system prompt")] = None,
-    max_tokens: Annotated[int, typer.Option()] = 256,
-    temperature: Annotated[float, typer.Option()] = 0.7,
+    system: Annotated[str | None, typer.Option(help="system prompt (default: the run's data.system_prompt)")] = None,
+    max_tokens: Annotated[int, typer.Option(help="most tokens per reply")] = 256,
+    temperature: Annotated[float, typer.Option(help="0 = greedy")] = 0.7,
+    top_p: Annotated[float, typer.Option(help="nucleus sampling mass")] = 1.0,
+    seed: Annotated[int | None, typer.Option(help="makes sampling repeatable")] = None,
+    stop: Annotated[list[str] | None, typer.Option("--stop", help="stop string (repeatable)")] = None,
 ) -> None:
     """Interactive chat in the terminal (empty line or Ctrl-D to quit)."""
     from tunelab.generate import Generator
 
     gen = Generator.load(target)
-    console.print(f"chatting with {gen.description}; empty line to quit")
+    err_console.print(f"chatting with {gen.description}; empty line to quit", markup=False)
     history: list[dict[str, str]] = []
     while True:
         try:
@@ -182,9 +215,11 @@ def chat_cmd(
         if not line.strip():
             break
         history.append({"role": "user", "content": line})
-        reply = gen.chat(history, system=system, max_new_tokens=max_tokens, temperature=temperature)
+        reply = gen.chat(history, system=system, max_tokens=max_tokens, temperature=temperature, top_p=top_p,
+                         seed=seed, stop=stop or ())
         history.append({"role": "assistant", "content": reply})
-        console.print(f"[bold cyan]model>[/bold cyan] {reply}")
+        console.print("[bold cyan]model>[/bold cyan] ", end="")
+        console.print(reply, markup=False, highlight=False)
 
 
 def demo_cmd(

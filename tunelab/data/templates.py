@@ -1,13 +1,16 @@
 """Render conversations with the tokenizer's chat template and build label masks.
 
 Loss falls on assistant tokens only by default (`train_on`), honouring per-message `weight`, and each trained
-assistant turn includes its end-of-turn token so the fine-tuned model learns to stop. The mask is computed
+assistant turn includes its end-of-turn marker so the fine-tuned model learns to stop. That marker comes from
+`end_of_turn(tok)`, derived once per tokenizer from its chat template; generation everywhere (the engine, hence
+`tunelab generate`/`eval`/`serve` and RL rollouts) stops on the same marker. The mask is computed
 on characters (where each assistant turn sits in the rendered text) and mapped to tokens with the fast
 tokenizer's offsets, so it works for any template that renders a conversation prefix as a text prefix.
 """
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,13 +47,79 @@ def _render(tok: Any, msgs: list[dict[str, Any]], gen_prompt: bool = False) -> s
     return str(out)
 
 
+@dataclass(frozen=True)
+class EndOfTurn:
+    """What closes an assistant turn under this tokenizer's chat template, and so where generation stops.
+
+    `text` is the marker as rendered (e.g. `<|im_end|>`, `<|eot_id|>`), "" when the template closes a turn with
+    nothing; `token_id` is its id when the marker is one token, else None (then `text` is a stop string).
+    `stop_ids` are the token ids that end generation: the marker's and the tokenizer's EOS.
+    """
+
+    text: str
+    token_id: int | None
+    stop_ids: frozenset[int]
+
+    @property
+    def stop_strings(self) -> tuple[str, ...]:
+        """Stop strings generation needs on top of `stop_ids`: a multi-token marker."""
+        return (self.text,) if self.text and self.token_id is None else ()
+
+
+_SENTINEL = "\u2063TUNELAB-END-OF-TURN-PROBE\u2063"
+_eot_cache: weakref.WeakKeyDictionary[Any, EndOfTurn] = weakref.WeakKeyDictionary()
+
+
+def end_of_turn(tok: Any) -> EndOfTurn:
+    """Derive the end-of-turn marker from the chat template (cached per tokenizer object).
+
+    Renders a one-exchange conversation with a sentinel as the assistant's reply and reads what the template
+    writes after it: the first special token there (ChatML's `<|im_end|>`, Llama 3's `<|eot_id|>`, Mistral's
+    `</s>`) or, if none, the closing text itself; trailing whitespace is layout, not part of the marker.
+    """
+    try:
+        return _eot_cache[tok]
+    except (KeyError, TypeError):
+        pass
+    eot = _derive_end_of_turn(tok)
+    try:
+        _eot_cache[tok] = eot
+    except TypeError:  # pragma: no cover - an object that cannot be weakly referenced: just recompute
+        pass
+    return eot
+
+
+def _derive_end_of_turn(tok: Any) -> EndOfTurn:
+    eos = tok.eos_token_id if isinstance(tok.eos_token_id, int) else None
+    closing = ""
+    if getattr(tok, "chat_template", None):
+        msgs = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]
+        text = _render(tok, msgs)
+        k = text.rfind(_SENTINEL)
+        closing = text[k + len(_SENTINEL) :] if k >= 0 else ""
+    specials = [t for t in dict.fromkeys([*tok.all_special_tokens, *tok.get_added_vocab()]) if t]
+    hits = [(closing.find(t), -len(t), t) for t in specials if t in closing]
+    if hits:
+        pos, _, marker = min(hits)  # the earliest special token, the longest one at a tie
+        if not closing[:pos].strip():
+            one = int(tok.convert_tokens_to_ids(marker))
+            return EndOfTurn(marker, one, frozenset({one} | ({eos} if eos is not None else set())))
+    marker = closing.strip()
+    if not marker:  # the template writes nothing after a reply: the model is expected to emit EOS
+        return EndOfTurn("", None, frozenset({eos} if eos is not None else set()))
+    ids = tok(marker, add_special_tokens=False)["input_ids"]
+    tid = int(ids[0]) if len(ids) == 1 else None
+    stops = ({tid} if tid is not None else set()) | ({eos} if eos is not None else set())
+    return EndOfTurn(marker, tid, frozenset(stops))
+
+
 def _end_of_turn(tok: Any, text: str, start: int, end: int) -> int:
-    """Trim a span so it ends right after the end-of-turn token (the trailing newline is not trained)."""
-    eos = tok.eos_token
-    if eos:
-        k = text.rfind(eos, start, end)
+    """Trim a span so it ends right after the end-of-turn marker (the trailing newline is not trained)."""
+    marker = end_of_turn(tok).text
+    if marker:
+        k = text.rfind(marker, start, end)
         if k >= 0:
-            return k + len(eos)
+            return k + len(marker)
     return end
 
 
@@ -77,9 +146,9 @@ def assistant_spans(tok: Any, msgs: list[Message], train_on: str) -> tuple[str, 
             if start < 0:
                 raise TunelabError("cannot locate an assistant turn in the rendered chat template output")
             end = start + len(msgs[i].content)
-            eos = tok.eos_token
-            k = full.find(eos, end) if eos else -1
-            end = k + len(eos) if k >= 0 else end
+            marker = end_of_turn(tok).text
+            k = full.find(marker, end) if marker else -1
+            end = k + len(marker) if k >= 0 else end
         end = _end_of_turn(tok, full, start, end)
         spans.append((start, end))
         cursor = end
@@ -119,7 +188,13 @@ def encode(
 def encode_prompt(tok: Any, messages: list[Message], system_prompt: str | None = None) -> list[int]:
     """Token ids of a prompt ready for generation (ends with the assistant header)."""
     msgs = with_system_prompt(Conversation(tuple(messages)), system_prompt)
-    text = _render(tok, [m.template_dict() for m in msgs], gen_prompt=True)
+    return render_prompt_ids(tok, [m.template_dict() for m in msgs])
+
+
+def render_prompt_ids(tok: Any, messages: list[dict[str, Any]]) -> list[int]:
+    """The one way a chat prompt becomes token ids for generation (training's prompts, eval, the server):
+    the chat template with the generation prompt, tokenized without adding special tokens again."""
+    text = _render(tok, messages, gen_prompt=True)
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 

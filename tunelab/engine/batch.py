@@ -23,7 +23,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from tunelab.engine.sampling import make_generator, sample_row
+from tunelab.engine.sampling import chosen_logprob, make_generator, penalize_row, sample_row
 from tunelab.engine.text import StopMatcher
 from tunelab.engine.types import EngineError, FinishReason, GenerationEvent, GenerationRequest
 
@@ -42,6 +42,8 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     cancelled: threading.Event = field(default_factory=threading.Event)
     done: bool = False
+    stop_token: int | None = None  # the end-of-turn/EOS token that finished it, if one did
+    logprobs: list[float] = field(default_factory=list)  # per token (stop token last) when sampling.logprobs
 
     def __post_init__(self) -> None:
         self.matcher = StopMatcher(self.request.sampling.stop)
@@ -67,6 +69,11 @@ class EngineStream:
     def token_ids(self) -> list[int]:
         """Tokens generated so far (EOS excluded); for tests and benchmarks."""
         return list(self._seq.generated)
+
+    @property
+    def logprobs(self) -> list[float]:
+        """Log-prob of each generated token (the stop token last) when the request asked for them."""
+        return list(self._seq.logprobs)
 
     def cancel(self) -> None:
         self._seq.cancelled.set()
@@ -152,7 +159,13 @@ def _pick_one(state: _Running, i: int, greedy: list[int], eos_ids: set[int],
         return False, 0
     try:
         sp = seq.request.sampling
-        tok = greedy[i] if sp.temperature == 0 or gen is None else sample_row(state.logits[i], sp, gen)
+        logits, best = state.logits[i], greedy[i]
+        if sp.repetition_penalty != 1.0:
+            logits = penalize_row(logits, seq.prompt_ids + seq.generated, sp.repetition_penalty)
+            best = int(logits.argmax())
+        tok = best if sp.temperature == 0 or gen is None else sample_row(logits, sp, gen)
+        if sp.logprobs:  # the model's own distribution (before temperature and penalties), as HF's raw logits
+            seq.logprobs.append(chosen_logprob(state.logits[i], tok))
         return _advance(seq, tok, eos_ids, decode) is None, tok
     except Exception as e:
         fail_row(seq, e, "picking its next token")
@@ -273,6 +286,7 @@ def _advance(seq: Sequence, tok: int, eos_ids: set[int], decode: Callable[[list[
     """Record one token for `seq`, send what text is safe to send; return a finish reason when done."""
     sp = seq.request.sampling
     if tok in eos_ids:
+        seq.stop_token = tok
         n = len(seq.generated) + 1
         seq.push(GenerationEvent(seq.matcher.flush(), n, "stop"))
         return "stop"

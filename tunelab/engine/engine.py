@@ -28,6 +28,7 @@ import torch
 
 from tunelab.engine.adapters import AdapterFolder, check_fits, discover_adapters, read_adapter_folder
 from tunelab.engine.batch import EngineStream, Sequence, run_batch
+from tunelab.engine.sync import chat_prompt_ids, decode, pad_id, stop_rule, with_stop_rule
 from tunelab.engine.types import (
     AdapterError,
     EngineError,
@@ -87,8 +88,10 @@ class Engine:
         self._created = int(time.time())
         cfg = model.config
         self.max_model_len = max_model_len or int(getattr(cfg, "max_position_embeddings", 0) or 2048)
-        self._eos = _eos_ids(model, tokenizer)
-        self._pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else min(self._eos, default=0)
+        # The one stop rule (chat template's end-of-turn marker + EOS), shared with tunelab.engine.sync.
+        self._stop = stop_rule(tokenizer)
+        self._eos = set(self._stop.stop_ids)
+        self._pad = pad_id(tokenizer, self._stop)
         self._layer_shapes = _layer_shapes(model)
         self._base_names = {base_name, str(getattr(cfg, "_name_or_path", "")), str(getattr(model, "name_or_path", ""))}
         self._merged: str | None = None
@@ -231,8 +234,8 @@ class Engine:
             raise InvalidRequestError(
                 f"the prompt is {len(ids)} tokens and max_tokens is {request.sampling.max_tokens}: together over "
                 f"this model's context of {self.max_model_len} tokens", param="max_tokens")
-        req = request if request.request_id else GenerationRequest(
-            request.model, request.sampling, request.prompt, request.messages, uuid.uuid4().hex)
+        req = dataclasses.replace(request, sampling=with_stop_rule(request.sampling, self._stop),
+                                  request_id=request.request_id or uuid.uuid4().hex)
         seq = Sequence(req, ids, adapter, asyncio.get_running_loop(), asyncio.Queue())
         self._inbox.put(seq)
         return EngineStream(seq, len(ids))
@@ -281,10 +284,10 @@ class Engine:
         tok = self._tok
         if request.messages is not None:
             try:
-                text = tok.apply_chat_template(request.messages, tokenize=False, add_generation_prompt=True)
-            except Exception as e:  # jinja raises its own errors for messages a template refuses
-                raise InvalidRequestError(f"the chat template refused these messages: {e}", param="messages") from e
-            ids = list(tok(text, add_special_tokens=False)["input_ids"])
+                ids = chat_prompt_ids(tok, request.messages)
+            except TunelabError as e:  # jinja raises its own errors for messages a template refuses
+                raise InvalidRequestError(f"the chat template refused these messages: {e.__cause__ or e}",
+                                          param="messages") from e
         elif isinstance(request.prompt, list):
             vocab = self._base.get_input_embeddings().num_embeddings
             if any(not isinstance(t, int) or t < 0 or t >= vocab for t in request.prompt):
@@ -511,18 +514,7 @@ class Engine:
         return nullcontext()
 
     def _decode(self, ids: list[int]) -> str:
-        return str(self._tok.decode(ids, skip_special_tokens=True))
-
-
-def _eos_ids(model: Any, tokenizer: Any) -> set[int]:
-    ids: set[int] = set()
-    gen = getattr(model, "generation_config", None)
-    for value in (getattr(gen, "eos_token_id", None), tokenizer.eos_token_id):
-        if isinstance(value, int):
-            ids.add(value)
-        elif isinstance(value, list | tuple):
-            ids.update(int(v) for v in value)
-    return ids
+        return decode(self._tok, ids)
 
 
 def _layer_shapes(model: Any) -> dict[str, tuple[int, int]]:

@@ -1,7 +1,9 @@
-"""Choosing the next token for each row of a batch, each row with its own temperature, top_p and seed.
+"""Choosing the next token for each row of a batch, each row with its own temperature, top_k, top_p and seed.
 
-Greedy rows (temperature 0) take the argmax; sampling rows draw from the tempered, nucleus-filtered
-distribution with their own `torch.Generator`, so a seeded request repeats whatever else is in the batch.
+Greedy rows (temperature 0) take the argmax; sampling rows draw from the tempered, top-k and nucleus-filtered
+distribution (HF's order) with their own `torch.Generator`, so a seeded request repeats whatever else is in
+the batch. A repetition penalty (HF's rule: divide positive logits, multiply negative ones, for every token
+already in the prompt or the output) applies before either.
 """
 
 from __future__ import annotations
@@ -49,6 +51,25 @@ def pick_tokens(
 
 def sample_row(logits: torch.Tensor, sp: SamplingParams, gen: torch.Generator) -> int:
     """One sampling row's next token from its (vocab,) logits."""
-    probs = torch.softmax(logits.float() / sp.temperature, dim=-1)
-    probs = top_p_filter(probs, sp.top_p)
+    row = logits.float() / sp.temperature
+    if 0 < sp.top_k < row.shape[-1]:
+        kth = row.topk(sp.top_k).values[-1]
+        row = row.masked_fill(row < kth, float("-inf"))
+    probs = top_p_filter(torch.softmax(row, dim=-1), sp.top_p)
     return int(torch.multinomial(probs, 1, generator=gen).item())
+
+
+def penalize_row(logits: torch.Tensor, seen: list[int], penalty: float) -> torch.Tensor:
+    """A copy of one row's (vocab,) logits with the already-seen tokens penalized (HF's repetition penalty)."""
+    out = logits.clone()
+    if penalty == 1.0 or not seen:
+        return out
+    idx = torch.tensor(sorted(set(seen)), dtype=torch.long, device=logits.device)
+    vals = out[idx]
+    out[idx] = torch.where(vals < 0, vals * penalty, vals / penalty)
+    return out
+
+
+def chosen_logprob(logits: torch.Tensor, token: int) -> float:
+    """log p(token) under the softmax of one row's (vocab,) logits, in fp32."""
+    return float(torch.log_softmax(logits.float(), dim=-1)[token])

@@ -72,6 +72,9 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     # True when the client gave no max_tokens: the engine may lower it to what the context has room for.
     fit_to_context: bool = False
+    top_k: int = 0  # 0: off
+    repetition_penalty: float = 1.0  # 1.0: off
+    logprobs: bool = False  # record each generated token's log-prob (for RL rollouts and reference checks)
 
 
 @dataclass(frozen=True)

@@ -1,5 +1,5 @@
-"""Model-side evaluation: batched greedy generation for conversation prompts, and loss/perplexity on the
-reference answers. Works with any Hugging Face causal LM (plain or PEFT-wrapped) and its tokenizer; knows
+"""Model-side evaluation: batched greedy generation for conversation prompts (through the engine's
+synchronous sampler, the server's code path), and loss/perplexity on the reference answers. Works with any Hugging Face causal LM (plain or PEFT-wrapped) and its tokenizer; knows
 nothing about metrics, files or configs.
 """
 
@@ -14,6 +14,8 @@ import torch
 
 from tunelab.data.records import Conversation
 from tunelab.data.templates import IGNORE_INDEX, encode, encode_prompt
+from tunelab.engine.sync import sample
+from tunelab.engine.types import SamplingParams
 from tunelab.errors import TunelabError
 from tunelab.eval.config import GenerationSettings
 from tunelab.eval.metrics import perplexity
@@ -28,20 +30,6 @@ def _device(model: Any) -> torch.device:
         return torch.device("cpu")
 
 
-def stop_token_ids(tok: Any, model: Any) -> list[int]:
-    """EOS plus the chat template's end-of-turn token, so generation stops where a turn ends."""
-    ids: list[int] = []
-    cands: list[Any] = [tok.eos_token_id, getattr(getattr(model, "generation_config", None), "eos_token_id", None)]
-    for t in ("<|im_end|>", "<|eot_id|>", "<end_of_turn>", "<|end|>"):
-        if t in tok.get_vocab():
-            cands.append(tok.convert_tokens_to_ids(t))
-    for c in cands:
-        for x in c if isinstance(c, list | tuple) else [c]:
-            if isinstance(x, int) and x >= 0 and x not in ids:
-                ids.append(x)
-    return ids
-
-
 def prompt_ids(tok: Any, conv: Conversation, system_prompt: str | None = None) -> list[int]:
     """The conversation up to (not including) its last assistant turn, rendered with the generation prompt."""
     msgs = list(conv.prompt)
@@ -50,7 +38,6 @@ def prompt_ids(tok: Any, conv: Conversation, system_prompt: str | None = None) -
     return encode_prompt(tok, msgs, system_prompt)
 
 
-@torch.no_grad()
 def generate(
     model: Any,
     tok: Any,
@@ -60,52 +47,23 @@ def generate(
     system_prompt: str | None = None,
     progress: Progress | None = None,
 ) -> list[str]:
-    """Greedy completions, one per conversation, in input order.
+    """Greedy completions, one per conversation, in input order: the engine's synchronous sampler
+    (`tunelab.engine.sync`), so the text is what `tunelab serve` and `tunelab generate` give for the same
+    prompt (same template, end-of-turn stop rule and decoding), returned as is.
 
-    Prompts are left-padded so every row's last prompt token sits at the same position and new tokens line
-    up; examples are batched by prompt length to waste little compute on padding.
+    Conversations go in chunks of `settings.batch_size` (for progress reports); inside a chunk the engine
+    batches rows and lets waiting ones join as others finish.
     """
     settings = settings or GenerationSettings()
     encoded = [prompt_ids(tok, c, system_prompt) for c in conversations]
-    order = sorted(range(len(encoded)), key=lambda i: len(encoded[i]))
-    pad_id = tok.pad_token_id if tok.pad_token_id is not None else tok.eos_token_id
-    stops = stop_token_ids(tok, model)
-    device = _device(model)
-    was_training = model.training
-    model.eval()
-    outputs: list[str] = [""] * len(encoded)
-    try:
-        for start in range(0, len(order), settings.batch_size):
-            idx = order[start : start + settings.batch_size]
-            width = max(len(encoded[i]) for i in idx)
-            ids = torch.full((len(idx), width), pad_id, dtype=torch.long)
-            mask = torch.zeros((len(idx), width), dtype=torch.long)
-            for row, i in enumerate(idx):
-                seq = encoded[i]
-                ids[row, width - len(seq) :] = torch.tensor(seq)
-                mask[row, width - len(seq) :] = 1
-            out = model.generate(
-                input_ids=ids.to(device),
-                attention_mask=mask.to(device),
-                max_new_tokens=settings.max_new_tokens,
-                do_sample=False,
-                num_beams=1,
-                repetition_penalty=settings.repetition_penalty,
-                eos_token_id=stops,
-                pad_token_id=pad_id,
-                use_cache=True,
-                # Greedy decoding ignores these; unset them so a model's sampling defaults cause no warnings.
-                temperature=None,
-                top_p=None,
-                top_k=None,
-            )
-            for row, i in enumerate(idx):
-                new = out[row, width:].tolist()
-                outputs[i] = tok.decode(new, skip_special_tokens=True).strip()
-            if progress:
-                progress(len(idx))
-    finally:
-        model.train(was_training)
+    params = SamplingParams(settings.max_new_tokens, temperature=0.0,
+                            repetition_penalty=settings.repetition_penalty)
+    outputs: list[str] = []
+    for start in range(0, len(encoded), settings.batch_size):
+        chunk = encoded[start : start + settings.batch_size]
+        outputs += [c.text for c in sample(model, tok, chunk, params, max_batch_size=settings.batch_size)]
+        if progress:
+            progress(len(chunk))
     return outputs
 
 

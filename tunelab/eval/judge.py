@@ -97,6 +97,10 @@ class Judge:
     """Ask an OpenAI-compatible chat endpoint which of two answers is better."""
 
     def __init__(self, settings: JudgeSettings, client: Any | None = None) -> None:
+        if client is None and settings.base_url == "local" and settings.model:
+            from tunelab.generate import Generator, LocalChatClient
+
+            client = LocalChatClient(Generator.load(settings.model))  # generates in this process, via the engine
         if client is None:
             if not settings.base_url or not settings.model:
                 raise ConfigError("judge: set eval.judge.base_url and eval.judge.model (or --base-url/--model)")

@@ -91,31 +91,12 @@ def build_reward(spec: Any) -> Callable[[str], float]:
 
 @torch.no_grad()
 def sample(model: Any, tok: Any, prompts: list[list[int]], gen: Any) -> Rollout:
-    m = unwrap(model)
-    was_training = m.training
-    m.eval()  # no dropout while sampling
-    width = max(len(p) for p in prompts)
-    pad = int(tok.pad_token_id)
-    ids = torch.full((len(prompts), width), pad, dtype=torch.long)
-    mask = torch.zeros_like(ids)
-    for i, p in enumerate(prompts):
-        ids[i, width - len(p) :] = torch.tensor(p)
-        mask[i, width - len(p) :] = 1
-    dev = next(m.parameters()).device
-    out = m.generate(
-        input_ids=ids.to(dev), attention_mask=mask.to(dev), do_sample=True, temperature=gen.temperature,
-        top_k=gen.top_k or None, top_p=1.0, max_new_tokens=gen.max_new_tokens, pad_token_id=pad,
-        eos_token_id=tok.eos_token_id, use_cache=True,
-    )
-    m.train(was_training)
-    comp = out[:, width:]
-    is_eos = comp == tok.eos_token_id
-    # Keep tokens up to and including the first end-of-turn token; everything after is padding.
-    after_eos = (is_eos.cumsum(-1) - is_eos.long()) > 0
-    cmask = (~after_eos).long()
-    comp = comp.masked_fill(cmask == 0, pad)
-    texts = [tok.decode(c[mk.bool()], skip_special_tokens=True) for c, mk in zip(comp, cmask, strict=True)]
-    return Rollout(torch.cat([ids.to(dev), comp], 1), torch.cat([mask.to(dev), cmask], 1), width, cmask, texts)
+    """Rollouts through the engine's sampler: the stop rule (the template's end-of-turn marker) of every path."""
+    from tunelab.engine.sync import sample_rollouts
+
+    r = sample_rollouts(unwrap(model), tok, prompts, max_tokens=gen.max_new_tokens, temperature=gen.temperature,
+                        top_k=gen.top_k)
+    return Rollout(r.input_ids, r.attention_mask, r.prompt_len, r.completion_mask, r.texts)
 
 
 # ------------------------------------------------------------------------------------------ the method

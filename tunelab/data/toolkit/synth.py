@@ -137,6 +137,10 @@ class Synthesizer:
         self.cache_hits = 0
         self.errors: Counter[str] = Counter()
         self._lock = threading.Lock()
+        if client is None and cfg.base_url == "local":
+            from tunelab.generate import Generator, LocalChatClient
+
+            client = LocalChatClient(Generator.load(cfg.model))  # generates in this process, via the engine
         if client is None:
             from openai import OpenAI
 
