@@ -95,15 +95,17 @@ def matmul_peak(device: str) -> float:
     return 2 * n**3 * reps / (time.perf_counter() - t)
 
 
-def plan_estimate(model_dir: Path, method: str, seq_len: int) -> int | None:
-    """`tunelab plan memory --json` for this case, where the command exists (it is another issue's)."""
+def plan_estimate(model_dir: Path, method: str, seq_len: int, batch: int, device: str) -> int | None:
+    """`tunelab plan memory --json` for this case. On CUDA its `allocated_bytes` (what max_memory_allocated
+    counts: no CUDA-context allowance); on CPU `total_bytes` (what RSS counts)."""
     cmd = [sys.executable, "-m", "tunelab.cli", "plan", "memory", str(model_dir), "--method", method,
-           "--seq-len", str(seq_len), "--batch", "1", "--json"]
+           "--seq-len", str(seq_len), "--batch", str(batch), "--device", device, "--json"]
     p = subprocess.run(cmd, capture_output=True, text=True, cwd=ROOT)
     if p.returncode:
         return None
     try:
-        return int(json.loads(p.stdout)["total_bytes"])
+        out = json.loads(p.stdout)
+        return int(out["allocated_bytes"] if device == "cuda" else out["total_bytes"])
     except (ValueError, KeyError, TypeError):
         return None
 
@@ -154,7 +156,7 @@ def worker(args: argparse.Namespace) -> None:
         with torch.device("meta"):
             meta = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(root / "model"))
         attn = str(meta.config._attn_implementation)
-        est = plan_estimate(root / "model", args.method, max_len)
+        est = plan_estimate(root / "model", args.method, max_len, args.batch, device)
     res = {"tokens_per_s": toks / secs, "final_loss": b["train_loss"], "peak_bytes": int(peak), "params": params,
            "matmul_peak": matmul_peak(device), "device": device, "liger": liger, "attention": attn,
            "plan_bytes": est}
