@@ -26,6 +26,7 @@ COMMAND_MODULES: list[str] = [
     "tunelab.engine.cli",
     "tunelab.jobs.cli",
     "tunelab.train.cli_pref",
+    "tunelab.starter",
 ]
 
 

@@ -52,7 +52,7 @@ def _local_model(value: str, base: Path) -> str:
     return value
 
 
-def _walk(node: Any, parts: list[str], fn: Any) -> None:
+def walk(node: Any, parts: list[str], fn: Any) -> None:
     """Apply fn to the string at `parts` inside nested dicts/lists (missing keys and non-strings are left for
     the validator to report)."""
     if not parts:
@@ -61,12 +61,12 @@ def _walk(node: Any, parts: list[str], fn: Any) -> None:
     if head == "*":
         if isinstance(node, list):
             for item in node:
-                _walk(item, rest, fn)
+                walk(item, rest, fn)
         return
     if not isinstance(node, dict) or head not in node:
         return
     if rest:
-        _walk(node[head], rest, fn)
+        walk(node[head], rest, fn)
     elif isinstance(node[head], str) and node[head]:
         node[head] = fn(node[head])
 
@@ -85,9 +85,9 @@ def resolve_paths(raw: dict[str, Any], base: Path, only: Iterable[str] | None = 
     keys = list(only) if only is not None else None
     for key in FOLDER_RELATIVE:
         if _selected(key, keys):
-            _walk(raw, key.split("."), lambda v: _absolute(v, base))
+            walk(raw, key.split("."), lambda v: _absolute(v, base))
     if _selected(MODEL_NAME, keys):
-        _walk(raw, MODEL_NAME.split("."), lambda v: _local_model(v, base))
+        walk(raw, MODEL_NAME.split("."), lambda v: _local_model(v, base))
     return raw
 
 
