@@ -28,6 +28,7 @@ COMMAND_MODULES: list[str] = [
     "tunelab.train.cli_pref",
     "tunelab.registry.cli",
     "tunelab.plan.cli",
+    "tunelab.starter",
 ]
 
 

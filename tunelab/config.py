@@ -344,11 +344,17 @@ def config_from_dict(raw: dict[str, Any], source: str = "config") -> RunConfig:
 
 
 def load_config(path: str | Path, overrides: list[str] | None = None) -> RunConfig:
+    from tunelab.config_paths import check_inputs, resolve_paths
+
     p = Path(path)
-    raw = read_yaml(p, mapping=True)
-    for k, v in parse_overrides(overrides or []):
+    raw = resolve_paths(read_yaml(p, mapping=True), p.parent)  # the file's paths: relative to its folder
+    sets = parse_overrides(overrides or [])
+    for k, v in sets:
         _set_dotted(raw, k, v)
-    return config_from_dict(raw, str(p))
+    resolve_paths(raw, Path.cwd(), only=[k for k, _ in sets])  # --set paths: relative to the current directory
+    cfg = config_from_dict(raw, str(p))
+    check_inputs(cfg, str(p), [k for k, _ in sets])
+    return cfg
 
 
 def dump_config(cfg: RunConfig) -> str:

@@ -12,12 +12,13 @@ import pytest
 
 pytestmark = pytest.mark.slow
 ROOT = Path(__file__).resolve().parents[2]
+DEMO = ROOT / "tunelab" / "resources" / "configs" / "demo_clinical_lora.yaml"
 
 
 def test_train_generate_merge_smollm2(tmp_path: Path) -> None:
     env = {**os.environ, "TOKENIZERS_PARALLELISM": "false"}
     run = tmp_path / "run"
-    cmd = [sys.executable, "-m", "tunelab.cli", "train", str(ROOT / "configs" / "demo_clinical_lora.yaml"),
+    cmd = [sys.executable, "-m", "tunelab.cli", "train", str(DEMO),
            "--set", "train.max_steps=2", "--set", "train.batch_size=2", "--set", "train.eval_max_examples=4",
            "--set", f"output_dir={run}", "--set", "data.check_contamination=false"]
     p = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=ROOT, timeout=900)
@@ -30,6 +31,6 @@ def test_train_generate_merge_smollm2(tmp_path: Path) -> None:
     g = subprocess.run([sys.executable, "-m", "tunelab.cli", "generate", str(run), "--prompt", "Hi", "--max-tokens", "8"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert g.returncode == 0 and g.stdout.strip(), g.stderr[-2000:]
-    bad = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(ROOT / "configs" / "demo_clinical_lora.yaml"),
+    bad = subprocess.run([sys.executable, "-m", "tunelab.cli", "train", str(DEMO),
                           "--set", "train.learning_rate=1"], capture_output=True, text=True, env=env, timeout=300)
     assert bad.returncode == 2 and "train.learning_rate: unknown key" in bad.stderr and "Traceback" not in bad.stderr

@@ -1,4 +1,4 @@
-"""End to end through the CLI on the real SmolLM2-135M-Instruct: `tunelab train configs/dpo.yaml`."""
+"""End to end through the CLI on the real SmolLM2-135M-Instruct: `tunelab train` of the shipped dpo.yaml."""
 
 from __future__ import annotations
 
@@ -15,9 +15,9 @@ ROOT = Path(__file__).resolve().parents[2]
 def test_dpo_on_smollm2_through_the_cli(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     from tunelab.cli import main
 
-    monkeypatch.chdir(ROOT)  # the shipped config's data paths are relative to the repository root
+    monkeypatch.chdir(tmp_path)  # the shipped config's data paths are relative to its own folder
     out = tmp_path / "dpo"
-    args = ["train", "configs/dpo.yaml", "--set", "train.max_steps=2", "--set", "train.batch_size=2",
+    args = ["train", str(ROOT / "tunelab" / "resources" / "configs" / "dpo.yaml"), "--set", "train.max_steps=2", "--set", "train.batch_size=2",
             "--set", "train.eval_every=2", "--set", "train.eval_max_examples=4", "--set", "data.max_seq_len=128",
             "--set", f"output_dir={out}"]
     with pytest.raises(SystemExit) as e:

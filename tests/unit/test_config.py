@@ -11,7 +11,7 @@ from tunelab.config import load_config
 from tunelab.errors import ConfigError
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = sorted((ROOT / "configs").glob("*.yaml"))
+CONFIGS = sorted((ROOT / "tunelab" / "resources" / "configs").glob("*.yaml"))
 
 
 def test_there_are_configs() -> None:
@@ -20,10 +20,10 @@ def test_there_are_configs() -> None:
 
 @pytest.mark.parametrize("path", CONFIGS, ids=lambda p: p.name)
 def test_every_shipped_config_parses(path: Path) -> None:
-    cfg = load_config(path)
-    for f in (cfg.data.train, cfg.data.validation):
+    cfg = load_config(path)  # also checks that every data file it names exists
+    for f in (cfg.data.train, cfg.data.validation, cfg.data.test):
         if f:
-            assert (ROOT / f).exists(), f"{path.name}: {f} does not exist"
+            assert Path(f).is_absolute() and Path(f).is_relative_to(ROOT / "tunelab" / "resources"), f
 
 
 def test_unknown_key_names_it_and_suggests(tmp_path: Path) -> None:
@@ -39,6 +39,7 @@ def test_unknown_key_names_it_and_suggests(tmp_path: Path) -> None:
 def test_bad_values_and_overrides(tmp_path: Path) -> None:
     p = tmp_path / "c.yaml"
     p.write_text("data: {train: x.jsonl}\n")
+    (tmp_path / "x.jsonl").touch()
     with pytest.raises(ConfigError, match="finetune"):
         load_config(p, ["finetune=lorax"])
     with pytest.raises(ConfigError, match="lora.r"):
@@ -58,6 +59,7 @@ def test_bad_values_and_overrides(tmp_path: Path) -> None:
 def test_config_is_frozen(tmp_path: Path) -> None:
     p = tmp_path / "c.yaml"
     p.write_text("data: {train: x.jsonl}\n")
+    (tmp_path / "x.jsonl").touch()
     cfg = load_config(p)
     with pytest.raises(ValidationError):
         cfg.train.lr = 1.0  # type: ignore[misc]

@@ -1,7 +1,8 @@
 """`make demo` / `tunelab demo`: the main job, end to end.
 
 1. Fine-tune SmolLM2-135M-Instruct with LoRA on the bundled clinical-note -> JSON task
-   (configs/demo_clinical_lora.yaml; resumes an interrupted demo run instead of starting over).
+   (the bundled tunelab/resources/configs/demo_clinical_lora.yaml, found through importlib.resources so an
+   installed wheel runs it from any directory; resumes an interrupted demo run instead of starting over).
 2. On the held-out test split (templates and vocabulary training never saw), compare the base model
    *prompted with format instructions* against the fine-tuned model *without* them: JSON validity,
    schema conformance, field accuracy. Greedy decoding, fixed settings, recorded with the results.
@@ -20,20 +21,18 @@ from rich.markup import escape
 
 from tunelab.config import RunConfig, load_config
 from tunelab.demo.clinical import FIELDS, FORMAT_INSTRUCTIONS, JSON_SCHEMA
-from tunelab.errors import TunelabError
 from tunelab.eval.run import RESULTS_NAME, write_json
 
-DEMO_CONFIG = Path(__file__).resolve().parents[2] / "configs" / "demo_clinical_lora.yaml"
 METRICS = (("json_valid", "valid JSON"), ("schema", "schema conformance"), ("field_accuracy", "field accuracy"))
 
 
 def demo_config(out: Path, steps: int | None) -> RunConfig:
-    if not DEMO_CONFIG.exists():
-        raise TunelabError(f"{DEMO_CONFIG} not found: run the demo from a tunelab checkout", 2)
+    from tunelab.resources import config_path
+
     overrides = [f"output_dir={out}"]
     if steps is not None:
         overrides.append(f"train.max_steps={steps}")
-    return load_config(DEMO_CONFIG, overrides)
+    return load_config(config_path("demo"), overrides)
 
 
 def _train(cfg: RunConfig, console: Any) -> Path:

@@ -16,7 +16,9 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-GENERAL_DIR = Path(__file__).resolve().parent.parent / "resources" / "general"
+from tunelab.resources import resource
+
+GENERAL_DIR = resource("general")
 SEED = 1234
 
 CAPITALS: list[tuple[str, str]] = [

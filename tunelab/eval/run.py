@@ -58,7 +58,9 @@ class EvalPlan:
 def _split_config(p: Path) -> tuple[RunConfig, EvalConfig]:
     """A run config whose `eval:` section may hold keys the core RunConfig does not know yet: validate the
     eval keys with EvalConfig and pass the rest to the core validator."""
-    raw: dict[str, Any] = read_yaml(p, mapping=True)
+    from tunelab.config_paths import resolve_paths
+
+    raw: dict[str, Any] = resolve_paths(read_yaml(p, mapping=True), p.parent)
     ev_raw = raw.get("eval") or {}
     ev = eval_config_from_dict(ev_raw, str(p))
     core_eval = RunConfig.model_fields["eval"].annotation
