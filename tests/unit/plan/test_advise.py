@@ -122,7 +122,7 @@ def _advise_real(task: str, tmp_path: Path, steps: int, n: int, data: Path, cfg:
 
 @pytest.mark.slow
 def test_clinical_task_advice_is_fine_tune(tmp_path: Path) -> None:
-    cfg = ROOT / "configs" / "demo_clinical_lora.yaml"
+    cfg = ROOT / "tunelab" / "resources" / "configs" / "demo_clinical_lora.yaml"
     adv = _advise_real("clinical", tmp_path, 30, 12, ROOT / "tunelab" / "resources" / "clinical" / "test.jsonl", cfg,
                        128)
     o = adv["options"]
