@@ -7,6 +7,7 @@ The public Python API is what this module exports (docs/python.md); every other 
     evaluate(run_or_config, ...) -> dict          base vs fine-tuned on held-out data, as `tunelab eval`
     Generator.load(target).chat(messages)         generate from a base model or a run
     serve(model, adapters=...) -> ASGI app        the OpenAI-compatible server, for uvicorn
+    Registry.open(data_dir)                       versions, aliases and A/B splits of named models
 
 `import tunelab` is cheap: the names load on first use (PEP 562 `__getattr__`), so torch is imported only
 when something needs it.
@@ -19,7 +20,7 @@ from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
 
-__all__ = ["Generator", "RunConfig", "RunDir", "evaluate", "load_config", "serve", "train"]
+__all__ = ["Generator", "Registry", "RunConfig", "RunDir", "evaluate", "load_config", "serve", "train"]
 
 # name -> module that defines it. `train` is the callable `tunelab.train` package itself (see its docstring):
 # a function of that name here would be replaced by the package as soon as `tunelab.train.run` is imported.
@@ -30,12 +31,14 @@ _EXPORTS = {
     "evaluate": "tunelab._api",
     "serve": "tunelab._api",
     "Generator": "tunelab.generate",
+    "Registry": "tunelab.registry",
 }
 
 if TYPE_CHECKING:
     from tunelab._api import evaluate, serve, train
     from tunelab.config import RunConfig, load_config
     from tunelab.generate import Generator
+    from tunelab.registry import Registry
     from tunelab.rundir import RunDir
 
 

@@ -41,7 +41,6 @@ def test_exports_are_the_documented_api() -> None:
     assert set(tunelab.__all__) == documented
     for name in tunelab.__all__:
         assert getattr(tunelab, name) is not None
-    assert not hasattr(tunelab, "registry")  # no registry client until there is a registry
     with pytest.raises(AttributeError, match="no attribute 'nope'"):
         tunelab.nope  # noqa: B018
 
@@ -57,7 +56,7 @@ def test_every_docs_example_runs(tmp_path: Path, tiny_dir: Path) -> None:
     from tunelab.starter import init_project
 
     blocks = _blocks()
-    assert len(blocks) == 5
+    assert len(blocks) == 6
     # The docs' setup step (`tunelab init demo proj`), then the tiny model in place of SmolLM2 for speed.
     cfg = init_project("demo", tmp_path / "proj").config
     cfg.write_text(cfg.read_text().replace("name: smollm2-135m-instruct", f"name: {tiny_dir}"))
@@ -71,4 +70,5 @@ def test_every_docs_example_runs(tmp_path: Path, tiny_dir: Path) -> None:
     assert "runs/first ['adapter', 'config.yaml', 'loss.png']" in out
     assert (tmp_path / "runs" / "first" / "eval" / "results.json").is_file()
     assert re.search(r"^base [0-9.]+\nfirst [0-9.]+$", out, flags=re.M), out
-    assert "'clinical'" in out and out.rstrip().count("--- example") == 5
+    assert "'clinical'" in out and out.rstrip().count("--- example") == 6
+    assert "serving clinical@1 None" in out
