@@ -93,6 +93,7 @@ class TrainConfig(_Strict):
     fsdp: bool = False
     """Full fine-tuning sharded across processes (FSDP2) when launched with several; ignored in one process."""
     optimizer: Literal["adamw", "paged_adamw"] = "adamw"
+    """QLoRA defaults to paged_adamw (stated in the resolved config); it needs CUDA, elsewhere plain AdamW runs."""
     seed: int = 42
     log_every: int = Field(1, ge=1)
     eval_every: int | None = Field(None, ge=1)
@@ -243,6 +244,16 @@ class RunConfig(_Strict):
     track: list[Literal["tensorboard", "mlflow"]] = []
     mlflow_uri: str | None = None
     """MLflow tracking URI; default is a local SQLite store inside the run folder (RUN/mlflow.db)."""
+
+    @model_validator(mode="before")
+    @classmethod
+    def _qlora_optimizer(cls, raw: Any) -> Any:
+        # QLoRA's recipe pages the optimizer state; say so in the config rather than switch in the trainer.
+        if isinstance(raw, dict) and raw.get("finetune") == "qlora":
+            tr = raw.get("train")
+            if tr is None or (isinstance(tr, dict) and "optimizer" not in tr):
+                raw = {**raw, "train": {**(tr or {}), "optimizer": "paged_adamw"}}
+        return raw
 
     @model_validator(mode="after")
     def _check(self) -> RunConfig:

@@ -112,9 +112,42 @@ def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, tiny_di
     assert (cfg_dir := Path(cfg.output_dir) / "checkpoints" / "step-000003").exists(), cfg_dir
     with pytest.raises(TunelabError, match="already holds a run"):
         train(cfg)  # never silently overwrite work
+    logged = [r["step"] for r in read_metrics(Path(cfg.output_dir)) if "train_loss" in r]
+    assert logged == [1, 2, 3, 4]  # step 4 was logged after the last checkpoint (3), as a kill -9 would leave it
     resumed = train(cfg, resume=True)
     assert resumed.state.step == 6
+    # The loop says where it picked up: the checkpoint's step and data position (2 examples a step, 16 in all).
+    assert resumed.resumed_from is not None
+    assert {k: resumed.resumed_from[k] for k in ("step", "epoch", "step_in_epoch")} == {
+        "step": 3, "epoch": 0, "step_in_epoch": 3}
+    rows = read_metrics(resumed.run_dir)
+    assert [r["step"] for r in rows if "train_loss" in r] == [1, 2, 3, 4, 5, 6]  # no step twice
+    assert [r["resumed_from"]["step"] for r in rows if "resumed_from" in r] == [3]
     assert_same(adapter_weights(straight.run_dir), adapter_weights(resumed.run_dir), atol=1e-6)
+
+
+def test_resume_without_optimizer_state_differs(tmp_path: Path, tiny_dir: Path, monkeypatch: Any) -> None:
+    """The resume test above would pass trivially if restoring state did nothing: a resume that skips the
+    optimizer state (Adam's moments) must end on different weights."""
+    settings = {"train": {"max_steps": 6, "save_every": 3, "batch_size": 2}}
+    straight = train(make_cfg(tmp_path, tiny_dir, "straight", **settings))
+    cfg6 = make_cfg(tmp_path, tiny_dir, "skipped", **settings)
+    real_step = loop_mod.train_step
+
+    def crash_at_4(ctx: Any, mbs: Any) -> Any:
+        if ctx.state.step == 3:
+            raise KeyboardInterrupt
+        return real_step(ctx, mbs)
+
+    monkeypatch.setattr(loop_mod, "train_step", crash_at_4)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg6)
+    monkeypatch.setattr(loop_mod, "train_step", real_step)
+    monkeypatch.setattr(torch.optim.AdamW, "load_state_dict", lambda self, sd: None)
+    skipped = train(cfg6, resume=True)
+    assert skipped.resumed_from is not None and skipped.resumed_from["step"] == 3
+    a, b = adapter_weights(straight.run_dir), adapter_weights(skipped.run_dir)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-4
 
 
 def test_merged_logits_equal_adapter_logits(tmp_path: Path, tiny_dir: Path) -> None:

@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -16,7 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
-CKPT_RE = re.compile(r"^step-(\d+)$")
+from tunelab.rundir import RunDir, checkpoint_name
+
 EXTRA_FILE = "method_state.safetensors"  # a method's own trainable tensors (reward/value heads)
 
 
@@ -58,10 +58,10 @@ def write_checkpoint(
 ) -> Path:
     """Write `step-NNNNNN` atomically, call `on_commit(path)` (e.g. export the weights elsewhere) while it
     still exists, then rotate older checkpoints away."""
-    ckpts = run_dir / "checkpoints"
+    ckpts = RunDir(run_dir).checkpoints_dir
     ckpts.mkdir(parents=True, exist_ok=True)
-    final = ckpts / f"step-{step:06d}"
-    tmp = ckpts / f".tmp-step-{step:06d}"
+    final = ckpts / checkpoint_name(step)
+    tmp = ckpts / f".tmp-{checkpoint_name(step)}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -86,11 +86,7 @@ def write_checkpoint(
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    d = run_dir / "checkpoints"
-    if not d.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CKPT_RE.match(p.name)) and (p / "state.json").exists()]
-    return [p for _, p in sorted(found)]
+    return [c.path for c in RunDir(run_dir).checkpoints()]
 
 
 def rotate(ckpts: Path, keep: int, protect: int | None = None) -> None:
@@ -98,7 +94,7 @@ def rotate(ckpts: Path, keep: int, protect: int | None = None) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
     done = list_checkpoints(ckpts.parent)
     for p in done[:-keep]:
-        if protect is not None and p.name == f"step-{protect:06d}":
+        if protect is not None and p.name == checkpoint_name(protect):
             continue
         shutil.rmtree(p, ignore_errors=True)
 
