@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-dev.txt 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test lint typecheck bench clean
+.PHONY: install demo test test-fast lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,11 @@ test: $(STAMP)
 	$(BIN)/ruff check tunelab tests bench
 	$(BIN)/mypy tunelab
 	$(BIN)/python -m pytest -q -x --durations=15
+
+# The development tier: unit tests only (tiny in-process models, no servers or subprocesses), under 2 minutes.
+# Tests that run longer are marked `slow` and left to `make test`.
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -x -m "not slow and not gpu" tests/unit --durations=5
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -113,8 +113,11 @@ def validate(job_dir: Path) -> dict[str, Any]:
 
 
 def weights_in(folder: Path) -> Path:
-    """The trainable weights in a run or checkpoint folder: its PEFT `adapter`, or `model` for full fine-tuning."""
-    return folder / "adapter" if (folder / "adapter").is_dir() else folder / "model"
+    """The trainable weights in a run or checkpoint folder (tunelab.rundir's rule); `model/` when there are none yet."""
+    from tunelab.rundir import MODEL
+    from tunelab.rundir import weights_in as found
+
+    return found(folder) or folder / MODEL
 
 
 def export_checkpoint(ckpt: Path, dest_root: Path) -> None:
