@@ -98,8 +98,10 @@ def validate(job_dir: Path) -> dict[str, Any]:
         if expect == "preference":
             openai_preference_to_tunelab(path)
         is_train = name == "train.jsonl"
+        # The job's own label rule and system prompt: trained_tokens must be what training will count.
         rep = validate_file(path, tok, cfg.data.max_seq_len, expect=expect,
-                            min_examples=cfg.data.min_examples if is_train else 1)
+                            min_examples=cfg.data.min_examples if is_train else 1, train_on=cfg.data.train_on,
+                            system_prompt=cfg.data.system_prompt)
         if rep.errors:
             shown = [_issue_text(i, label) for i in rep.errors[:20]]
             more = f" (and {len(rep.errors) - 20} more)" if len(rep.errors) > 20 else ""

@@ -77,20 +77,23 @@ def sha256_file(p: str | Path) -> str:
     return h.hexdigest()
 
 
-def _load_split(path: str, expect: str, max_seq_len: int, tok: Any, console: Any, min_examples: int) -> list[Record]:
-    """The same validation as `tunelab data validate`; errors refuse the run, warnings are summarised."""
-    rep = validate_file(path, tok, max_seq_len, expect=expect, min_examples=min_examples)
+def _load_split(path: str, expect: str, cfg: RunConfig, tok: Any, console: Any, min_examples: int) -> list[Record]:
+    """The same validation as `tunelab data validate`, with the run's own train_on and system_prompt; errors
+    refuse the run, warnings are summarised. The file is parsed once: the records come from the validation."""
+    d = cfg.data
+    rep = validate_file(path, tok, d.max_seq_len, expect=expect, min_examples=min_examples, train_on=d.train_on,
+                        system_prompt=d.system_prompt)
     if rep.errors:
         raise DataError(rep.issues, header=f"{path}: invalid data (run `tunelab data validate {path}`)")
     if rep.warnings and console is not None:
         console.print(f"[yellow]{path}: {len(rep.warnings)} warning(s)[/yellow] (e.g. {rep.warnings[0]})")
-    return read_records(path, expect=expect)
+    return rep.records
 
 
 def load_data(cfg: RunConfig, expect: str, tok: Any, console: Any) -> tuple[list[Record], list[Record]]:
     d = cfg.data
-    train = _load_split(d.train, expect, d.max_seq_len, tok, console, d.min_examples)
-    valid = _load_split(d.validation, expect, d.max_seq_len, tok, console, 1) if d.validation else []
+    train = _load_split(d.train, expect, cfg, tok, console, d.min_examples)
+    valid = _load_split(d.validation, expect, cfg, tok, console, 1) if d.validation else []
     if not valid and d.validation_fraction > 0:
         from tunelab.data.convert import split_records
 
