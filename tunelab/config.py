@@ -6,7 +6,6 @@ the nearest valid one; values are checked here, so nothing downstream ever sees 
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tunelab.data.toolkit.pipeline import PipelineConfig
 from tunelab.errors import ConfigError, read_yaml
+from tunelab.errors import format_validation_error as _format_error
 from tunelab.eval.config import EvalConfig
 
 
@@ -273,42 +273,8 @@ class RunConfig(_Strict):
         return self.finetune != "full"
 
 
-def _suggest(key: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
-    cls: type[BaseModel] = RunConfig
-    for part in path:
-        if isinstance(part, int):
-            continue
-        field = cls.model_fields.get(str(part))
-        if field is None:
-            return None
-        ann = field.annotation
-        nxt = None
-        for cand in (ann, *getattr(ann, "__args__", ())):
-            if isinstance(cand, type) and issubclass(cand, BaseModel):
-                nxt = cand
-        if nxt is None:
-            return None
-        cls = nxt
-    return cls
-
-
 def format_validation_error(e: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid configuration"]
-    for err in e.errors():
-        loc = tuple(err["loc"])
-        dotted = ".".join(str(p) for p in loc)
-        if err["type"] == "extra_forbidden":
-            parent = _model_at(loc[:-1])
-            hint = _suggest(str(loc[-1]), list(parent.model_fields)) if parent else ""
-            lines.append(f"  {dotted}: unknown key{hint}")
-        else:
-            lines.append(f"  {dotted or '(top level)'}: {err['msg']}")
-    return "\n".join(lines)
+    return _format_error(e, source, RunConfig)
 
 
 def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:

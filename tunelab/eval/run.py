@@ -19,10 +19,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from tunelab.config import RunConfig, load_config
+from tunelab.config import RunConfig, config_from_dict
 from tunelab.data.readers import read_conversations
 from tunelab.data.records import Conversation
-from tunelab.errors import ConfigError, TunelabError
+from tunelab.errors import ConfigError, TunelabError, read_yaml
 from tunelab.eval import metrics as M
 from tunelab.eval.config import EvalConfig, load_eval_config
 from tunelab.eval.general import general_path
@@ -56,11 +56,17 @@ class EvalPlan:
     outputs: list[Path] = field(default_factory=list)
 
 
+def _read_config(path: Path) -> RunConfig:
+    """A run's config.yaml (already resolved when it was written) or a config YAML, validated once by the one
+    RunConfig, its `eval:` section included."""
+    return config_from_dict(read_yaml(path, mapping=True), str(path))
+
+
 def _run_target(run_dir: Path, index: int, names: set[str]) -> tuple[Target, RunConfig]:
     rd = RunDir(run_dir)
     if not rd.is_run():
         raise TunelabError(f"{run_dir}: not a tunelab run folder (no config.yaml)", 2)
-    cfg = load_config(rd.config_path)  # validated once, by the one RunConfig (its eval: section included)
+    cfg = _read_config(rd.config_path)
     if rd.weights is None:
         raise TunelabError(f"{run_dir}: no adapter/ (PEFT) or model/ folder: has the run finished?", 2)
     name = run_dir.resolve().name
@@ -99,7 +105,7 @@ def plan(
         cfg_path = src
     else:
         raise ConfigError(f"{src}: no such config file or run folder")
-    run_cfg = load_config(cfg_path)
+    run_cfg = _read_config(cfg_path)
     ev = run_cfg.eval
     if eval_config is not None:
         ev = load_eval_config(eval_config)
