@@ -93,22 +93,27 @@ def test_loss_falls_when_overfitting(tmp_path: Path, tiny_dir: Path, mode: str) 
     assert (out / ("model.safetensors" if mode == "full" else "adapter_model.safetensors")).exists()
 
 
+def interrupt_before_step(cfg: Any, step: int, monkeypatch: Any) -> None:
+    """Train until `step` is about to start, then stop as a kill would (nothing after the last checkpoint saved)."""
+    real_step = loop_mod.train_step
+
+    def crash(ctx: Any, mbs: Any) -> Any:
+        if ctx.state.step == step - 1:
+            raise KeyboardInterrupt
+        return real_step(ctx, mbs)
+
+    monkeypatch.setattr(loop_mod, "train_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(loop_mod, "train_step", real_step)
+
+
 def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, tiny_dir: Path, monkeypatch: Any) -> None:
     settings = {"train": {"max_steps": 6, "save_every": 3, "batch_size": 2}, "lora": {"dropout": 0.1}}
     straight = train(make_cfg(tmp_path, tiny_dir, "straight", **settings))
 
     cfg = make_cfg(tmp_path, tiny_dir, "interrupted", **settings)
-    real_step = loop_mod.train_step
-
-    def crash_at_5(ctx: Any, mbs: Any) -> Any:
-        if ctx.state.step == 4:  # step 5 starts after checkpoint 3 and an unsaved step 4
-            raise KeyboardInterrupt
-        return real_step(ctx, mbs)
-
-    monkeypatch.setattr(loop_mod, "train_step", crash_at_5)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg)
-    monkeypatch.setattr(loop_mod, "train_step", real_step)
+    interrupt_before_step(cfg, 5, monkeypatch)  # step 5 starts after checkpoint 3 and an unsaved step 4
     assert (cfg_dir := Path(cfg.output_dir) / "checkpoints" / "step-000003").exists(), cfg_dir
     with pytest.raises(TunelabError, match="already holds a run"):
         train(cfg)  # never silently overwrite work
@@ -132,17 +137,7 @@ def test_resume_without_optimizer_state_differs(tmp_path: Path, tiny_dir: Path, 
     settings = {"train": {"max_steps": 6, "save_every": 3, "batch_size": 2}}
     straight = train(make_cfg(tmp_path, tiny_dir, "straight", **settings))
     cfg6 = make_cfg(tmp_path, tiny_dir, "skipped", **settings)
-    real_step = loop_mod.train_step
-
-    def crash_at_4(ctx: Any, mbs: Any) -> Any:
-        if ctx.state.step == 3:
-            raise KeyboardInterrupt
-        return real_step(ctx, mbs)
-
-    monkeypatch.setattr(loop_mod, "train_step", crash_at_4)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg6)
-    monkeypatch.setattr(loop_mod, "train_step", real_step)
+    interrupt_before_step(cfg6, 4, monkeypatch)
     monkeypatch.setattr(torch.optim.AdamW, "load_state_dict", lambda self, sd: None)
     skipped = train(cfg6, resume=True)
     assert skipped.resumed_from is not None and skipped.resumed_from["step"] == 3

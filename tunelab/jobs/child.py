@@ -182,14 +182,14 @@ def _redirect_output(log: Path) -> None:
 
 
 def run_one(mode: str, job_dir: Path) -> bool:
-    from tunelab.errors import TunelabError
+    from tunelab.errors import DataError, TunelabError
 
     out_file = job_dir / ("validate.json" if mode == "validate" else "result.json")
     t0 = time.perf_counter()
     try:
         result = validate(job_dir) if mode == "validate" else train_job(job_dir)
     except TunelabError as e:
-        code = "invalid_training_file" if type(e).__name__ == "DataError" else "training_failed"
+        code = "invalid_training_file" if isinstance(e, DataError) else "training_failed"
         result = {"ok": False, "code": code, "param": "training_file" if code == "invalid_training_file" else None,
                   "message": e.message}
     except Exception as e:  # any crash becomes the job's error; the traceback stays in child.log

@@ -20,8 +20,7 @@ from tunelab.rundir import RunDir, checkpoint_name
 EXTRA_FILE = "method_state.safetensors"  # a method's own trainable tensors (reward/value heads)
 
 
-def save_weights(model: Any, out: Path, tokenizer: Any | None = None,
-                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
+def save_weights(model: Any, out: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """PEFT models save adapter_config.json + adapter_model.safetensors; full models a whole HF folder.
     `state_dict`: weights gathered from a sharded model (train/fsdp.py) instead of the model's own."""
     out.mkdir(parents=True, exist_ok=True)
@@ -31,8 +30,6 @@ def save_weights(model: Any, out: Path, tokenizer: Any | None = None,
         model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False, state_dict=state_dict)
     else:
         model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
 
 
 def rng_state() -> dict[str, Any]:
