@@ -31,10 +31,12 @@ test: $(STAMP)
 	$(BIN)/mypy tunelab
 	$(BIN)/python -m pytest -q -x --durations=15
 
-# The development tier: unit tests only (tiny in-process models, no servers or subprocesses), under 2 minutes.
-# Tests that run longer are marked `slow` and left to `make test`.
+# The development tier: tests/unit only (tiny in-process models), without the `slow`/`gpu` marks and the few
+# unit tests that spawn processes or train every fine-tuning mode (make test runs them all).
+FAST_SKIP := not cli_validate_exit_codes and not tensorboard_and_mlflow and not early_stopping_keeps_best \
+	and not (overfitting and (dora or adalora or qlora or full))
 test-fast: $(STAMP)
-	$(BIN)/python -m pytest -q -x -m "not slow and not gpu" tests/unit --durations=5
+	$(BIN)/python -m pytest -q -x -m "not slow and not gpu" -k "$(FAST_SKIP)" tests/unit --durations=5
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
