@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-dev.txt 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test lint typecheck bench clean
+.PHONY: install demo test test-fast lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -30,6 +30,13 @@ test: $(STAMP)
 	$(BIN)/ruff check tunelab tests bench
 	$(BIN)/mypy tunelab
 	$(BIN)/python -m pytest -q -x --durations=15
+
+# The development tier: tests/unit only (tiny in-process models), without the `slow`/`gpu` marks and the few
+# unit tests that spawn processes or train every fine-tuning mode (make test runs them all).
+FAST_SKIP := not cli_validate_exit_codes and not tensorboard_and_mlflow and not early_stopping_keeps_best \
+	and not (overfitting and (dora or adalora or qlora or full))
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -q -x -m "not slow and not gpu" -k "$(FAST_SKIP)" tests/unit --durations=5
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -1,5 +1,5 @@
 """Benchmark of the fine-tuning jobs API: (1) job overhead -- server time beyond the training itself -- for a
-small job on a live `tunelab serve-jobs`; (2) API latency with 10,000 jobs and 10,000 files in the store.
+small job on a live `tunelab serve`; (2) API latency with 10,000 jobs and 10,000 files in the store.
 
     python bench/jobs_api.py                 # both parts
     python bench/jobs_api.py --part list     # only the list-latency part (no training)
@@ -51,7 +51,7 @@ class _Server:
 
 
 def _start_server(model: Path, data: Path, keys: Path, *extra: str) -> _Server:
-    cmd = [sys.executable, "-c", "from tunelab.cli import main; main()", "serve-jobs", "--port", "0", "--model",
+    cmd = [sys.executable, "-c", "from tunelab.cli import main; main()", "serve", "--port", "0", "--model",
            str(model), "--served-model-name", "tiny-llama", "--data-dir", str(data), "--api-keys-file", str(keys),
            *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,

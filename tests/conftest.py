@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -11,6 +12,9 @@ import pytest
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+# `tunelab serve` keeps its jobs data under $XDG_DATA_HOME/tunelab: never the real home in tests (servers started
+# by session fixtures and subprocesses inherit this, so it is set before any fixture runs).
+os.environ["XDG_DATA_HOME"] = tempfile.mkdtemp(prefix="tunelab-test-xdg-")
 
 import tiny  # noqa: E402
 

@@ -6,7 +6,6 @@ the nearest valid one; values are checked here, so nothing downstream ever sees 
 
 from __future__ import annotations
 
-import difflib
 from pathlib import Path
 from typing import Any, Literal
 
@@ -15,6 +14,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 
 from tunelab.data.toolkit.pipeline import PipelineConfig
 from tunelab.errors import ConfigError, read_yaml
+from tunelab.errors import format_validation_error as _format_error
 from tunelab.eval.config import EvalConfig
 
 
@@ -93,6 +93,7 @@ class TrainConfig(_Strict):
     fsdp: bool = False
     """Full fine-tuning sharded across processes (FSDP2) when launched with several; ignored in one process."""
     optimizer: Literal["adamw", "paged_adamw"] = "adamw"
+    """QLoRA defaults to paged_adamw (stated in the resolved config); it needs CUDA, elsewhere plain AdamW runs."""
     seed: int = 42
     log_every: int = Field(1, ge=1)
     eval_every: int | None = Field(None, ge=1)
@@ -259,6 +260,16 @@ class RunConfig(_Strict):
     mlflow_uri: str | None = None
     """MLflow tracking URI; default is a local SQLite store inside the run folder (RUN/mlflow.db)."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _qlora_optimizer(cls, raw: Any) -> Any:
+        # QLoRA's recipe pages the optimizer state; say so in the config rather than switch in the trainer.
+        if isinstance(raw, dict) and raw.get("finetune") == "qlora":
+            tr = raw.get("train")
+            if tr is None or (isinstance(tr, dict) and "optimizer" not in tr):
+                raw = {**raw, "train": {**(tr or {}), "optimizer": "paged_adamw"}}
+        return raw
+
     @model_validator(mode="after")
     def _check(self) -> RunConfig:
         if self.finetune == "adalora" and self.lora.target_r > self.lora.init_r:
@@ -277,42 +288,8 @@ class RunConfig(_Strict):
         return self.finetune != "full"
 
 
-def _suggest(key: str, options: list[str]) -> str:
-    close = difflib.get_close_matches(key, options, n=1, cutoff=0.5)
-    return f" (did you mean {close[0]!r}?)" if close else ""
-
-
-def _model_at(path: tuple[Any, ...]) -> type[BaseModel] | None:
-    cls: type[BaseModel] = RunConfig
-    for part in path:
-        if isinstance(part, int):
-            continue
-        field = cls.model_fields.get(str(part))
-        if field is None:
-            return None
-        ann = field.annotation
-        nxt = None
-        for cand in (ann, *getattr(ann, "__args__", ())):
-            if isinstance(cand, type) and issubclass(cand, BaseModel):
-                nxt = cand
-        if nxt is None:
-            return None
-        cls = nxt
-    return cls
-
-
 def format_validation_error(e: ValidationError, source: str) -> str:
-    lines = [f"{source}: invalid configuration"]
-    for err in e.errors():
-        loc = tuple(err["loc"])
-        dotted = ".".join(str(p) for p in loc)
-        if err["type"] == "extra_forbidden":
-            parent = _model_at(loc[:-1])
-            hint = _suggest(str(loc[-1]), list(parent.model_fields)) if parent else ""
-            lines.append(f"  {dotted}: unknown key{hint}")
-        else:
-            lines.append(f"  {dotted or '(top level)'}: {err['msg']}")
-    return "\n".join(lines)
+    return _format_error(e, source, RunConfig)
 
 
 def _set_dotted(d: dict[str, Any], dotted: str, value: Any) -> None:

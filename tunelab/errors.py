@@ -5,9 +5,12 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, get_args
 
 import yaml
+
+if TYPE_CHECKING:
+    from pydantic import BaseModel, ValidationError
 
 
 class TunelabError(Exception):
@@ -69,3 +72,37 @@ class DataError(TunelabError):
         more = f"\n  ... and {len(errors) - 50} more" if len(errors) > 50 else ""
         super().__init__(f"{header}: {len(errors)} error(s)\n{shown}{more}", exit_code=1)
         self.issues = issues
+
+
+def _models_in(ann: Any) -> list[type[BaseModel]]:
+    """The pydantic models an annotation holds (X, X | None, list[X], a discriminated union of several)."""
+    from pydantic import BaseModel
+
+    if isinstance(ann, type) and issubclass(ann, BaseModel):
+        return [ann]
+    return [m for a in get_args(ann) for m in _models_in(a)]
+
+
+def format_validation_error(e: ValidationError, source: str, root: type[BaseModel], prefix: str = "",
+                            what: str = "configuration") -> str:
+    """The one formatter for every config section: `SOURCE: invalid WHAT`, then one line per problem with its
+    dotted key (under `prefix`, e.g. "eval." for the eval section) and, for an unknown key, the nearest valid
+    one."""
+    import difflib
+
+    lines = [f"{source}: invalid {what}"]
+    for err in e.errors():
+        # A discriminated union puts the tag before the member's own field of the same name (steps.0.dedup.dedup)
+        loc = tuple(p for i, p in enumerate(err["loc"]) if i == 0 or p != err["loc"][i - 1])
+        dotted = prefix + ".".join(str(p) for p in loc)
+        if err["type"] != "extra_forbidden":
+            lines.append(f"  {dotted or '(top level)'}: {err['msg']}")
+            continue
+        models: list[type[BaseModel]] = [root]
+        for part in loc[:-1]:
+            nxt = [m for c in models if (f := c.model_fields.get(str(part))) is not None for m in _models_in(f.annotation)]
+            models = nxt or models  # a list index or a union's tag names no field: stay
+        options = [k for m in models for k in m.model_fields]
+        close = difflib.get_close_matches(str(loc[-1]), options, n=1, cutoff=0.5)
+        lines.append(f"  {dotted}: unknown key" + (f" (did you mean {close[0]!r}?)" if close else ""))
+    return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""A live `tunelab serve-jobs` (uvicorn in a subprocess on 127.0.0.1, a free port) on a tiny Llama saved to a
+"""A live `tunelab serve` (uvicorn in a subprocess on 127.0.0.1, a free port) on a tiny Llama saved to a
 temp folder, with two API keys (owners alice and bob), plus the guide's JSONL files."""
 
 from __future__ import annotations
@@ -41,7 +41,7 @@ class Server:
 
 def start_server(model_dir: Path, data_dir: Path, keys_file: Path, *extra: str, timeout: float = 180) -> Server:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-c", "from tunelab.cli import main; main()", "serve-jobs", "--port", "0",
+    cmd = [sys.executable, "-c", "from tunelab.cli import main; main()", "serve", "--port", "0",
            "--model", str(model_dir), "--served-model-name", BASE, "--data-dir", str(data_dir),
            "--api-keys-file", str(keys_file), "--set", "train.max_steps=8", *extra]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)

@@ -1,4 +1,4 @@
-"""The guide's OpenAI fine-tuning code, nearly verbatim, against a live `tunelab serve-jobs` on a tiny model:
+"""The guide's OpenAI fine-tuning code, nearly verbatim, against a live `tunelab serve` on a tiny model:
 upload, create with a validation file, poll, events, checkpoints, chat and stream with the ft: model; then
 cancel, pause/resume, a bad file, unknown ids, option validation and per-key isolation."""
 

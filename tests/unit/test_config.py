@@ -70,7 +70,7 @@ def test_data_pipeline_section_in_a_training_config(tmp_path: Path) -> None:
     p.write_text("data:\n  train: clean.jsonl\n  pipeline:\n    input: raw.jsonl\n    output: clean.jsonl\n"
                  "    steps:\n      - dedup: {threshold: 0.8}\n      - scrub: {}\n")
     cfg = load_config(p)
-    assert cfg.data.pipeline is not None and [next(iter(s)) for s in cfg.data.pipeline.steps] == ["dedup", "scrub"]
+    assert cfg.data.pipeline is not None and [s.name for s in cfg.data.pipeline.steps] == ["dedup", "scrub"]
 
 
 def test_accelerate_fsdp_or_deepspeed_launch_is_refused_with_the_way_out() -> None:
@@ -87,3 +87,28 @@ def test_accelerate_fsdp_or_deepspeed_launch_is_refused_with_the_way_out() -> No
     fsdp.check_supported(SimpleNamespace(distributed_type=DistributedType.MULTI_CPU))  # DDP: fine
     # evaluation keeps shards in step: 5 examples, 2 processes, batch 2 -> 3 and 2 examples, 2 and 1 batches
     assert [fsdp.extra_eval_batches(5, 2, 2, mine) for mine in (3, 2)] == [0, 1]
+
+
+def test_one_error_formatter_for_every_section(tmp_path: Path) -> None:
+    """The run config, its eval: section and its data.pipeline steps all name the dotted key and the nearest one."""
+    from tunelab.eval.config import eval_config_from_dict
+
+    p = tmp_path / "c.yaml"
+    p.write_text("data:\n  train: x.jsonl\n  pipeline:\n    input: a.jsonl\n    output: b.jsonl\n"
+                 "    steps:\n      - dedup: {treshold: 0.5}\neval:\n  metrix: [bleu]\n")
+    with pytest.raises(ConfigError) as e:
+        load_config(p)
+    msg = str(e.value)
+    assert "data.pipeline.steps.0.dedup.treshold: unknown key (did you mean 'threshold'?)" in msg
+    assert "eval.metrix: unknown key (did you mean 'metrics'?)" in msg
+    with pytest.raises(ConfigError, match=r"eval\.generation\.max_new_tokenz: unknown key \(did you mean 'max_new_tokens'"):
+        eval_config_from_dict({"generation": {"max_new_tokenz": 3}}, "e.yaml")
+
+
+def test_qlora_states_paged_adamw_in_the_resolved_config(tmp_path: Path) -> None:
+    p = tmp_path / "c.yaml"
+    p.write_text("finetune: qlora\ndata: {train: x.jsonl}\n")
+    assert load_config(p).train.optimizer == "paged_adamw"
+    assert load_config(p, ["train.optimizer=adamw"]).train.optimizer == "adamw"  # an explicit choice stands
+    p.write_text("data: {train: x.jsonl}\n")
+    assert load_config(p).train.optimizer == "adamw"

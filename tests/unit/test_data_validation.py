@@ -188,3 +188,16 @@ def test_cli_validate_exit_codes_and_no_traceback(tmp_path: Path) -> None:
     assert "Traceback" not in ko.stderr + ko.stdout
     missing = subprocess.run([*run, str(tmp_path / "nope.jsonl")], capture_output=True, text=True)
     assert missing.returncode == 1 and "file not found" in missing.stderr and "Traceback" not in missing.stderr
+
+
+def test_trained_tokens_follow_the_runs_train_on_and_system_prompt(tmp_path: Path, tok: object) -> None:
+    """Jobs report trained_tokens from this count: it must use the run's own label rule, not "assistant"."""
+    p = write(tmp_path, good_lines(12))
+    plain = validate_file(p, tok, 512)
+    every = validate_file(p, tok, 512, train_on="all")
+    assert 0 < plain.trained_tokens < every.trained_tokens
+    with_sys = validate_file(p, tok, 512, train_on="all", system_prompt="You answer in JSON.")
+    assert with_sys.trained_tokens > every.trained_tokens and with_sys.token_stats["max"] > every.token_stats["max"]
+    assert len(plain.records) == plain.examples == 12  # the parsed records come back: the file is read once
+    short = validate_file(p, tok, 8, train_on="all")
+    assert short.trained_tokens <= 8 * 12 and short.truncated == 12  # counted after truncation, as trained

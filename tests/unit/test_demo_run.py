@@ -22,6 +22,7 @@ def test_finished_demo_is_kept_and_interrupted_one_resumed(tmp_path: Path, monke
     monkeypatch.setattr("tunelab.train.run.train", fake_train)
     out = tmp_path / "demo"
     (out / "adapter").mkdir(parents=True)
+    (out / "adapter" / "adapter_config.json").write_text("{}")
     (out / "state.json").write_text("{}")
     (out / "report.html").write_text("earlier results")
     cfg = demo.demo_config(out, steps=1)

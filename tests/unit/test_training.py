@@ -93,28 +93,56 @@ def test_loss_falls_when_overfitting(tmp_path: Path, tiny_dir: Path, mode: str) 
     assert (out / ("model.safetensors" if mode == "full" else "adapter_model.safetensors")).exists()
 
 
+def interrupt_before_step(cfg: Any, step: int, monkeypatch: Any) -> None:
+    """Train until `step` is about to start, then stop as a kill would (nothing after the last checkpoint saved)."""
+    real_step = loop_mod.train_step
+
+    def crash(ctx: Any, mbs: Any) -> Any:
+        if ctx.state.step == step - 1:
+            raise KeyboardInterrupt
+        return real_step(ctx, mbs)
+
+    monkeypatch.setattr(loop_mod, "train_step", crash)
+    with pytest.raises(KeyboardInterrupt):
+        train(cfg)
+    monkeypatch.setattr(loop_mod, "train_step", real_step)
+
+
 def test_resume_after_interruption_matches_uninterrupted(tmp_path: Path, tiny_dir: Path, monkeypatch: Any) -> None:
     settings = {"train": {"max_steps": 6, "save_every": 3, "batch_size": 2}, "lora": {"dropout": 0.1}}
     straight = train(make_cfg(tmp_path, tiny_dir, "straight", **settings))
 
     cfg = make_cfg(tmp_path, tiny_dir, "interrupted", **settings)
-    real_step = loop_mod.train_step
-
-    def crash_at_5(ctx: Any, mbs: Any) -> Any:
-        if ctx.state.step == 4:  # step 5 starts after checkpoint 3 and an unsaved step 4
-            raise KeyboardInterrupt
-        return real_step(ctx, mbs)
-
-    monkeypatch.setattr(loop_mod, "train_step", crash_at_5)
-    with pytest.raises(KeyboardInterrupt):
-        train(cfg)
-    monkeypatch.setattr(loop_mod, "train_step", real_step)
+    interrupt_before_step(cfg, 5, monkeypatch)  # step 5 starts after checkpoint 3 and an unsaved step 4
     assert (cfg_dir := Path(cfg.output_dir) / "checkpoints" / "step-000003").exists(), cfg_dir
     with pytest.raises(TunelabError, match="already holds a run"):
         train(cfg)  # never silently overwrite work
+    logged = [r["step"] for r in read_metrics(Path(cfg.output_dir)) if "train_loss" in r]
+    assert logged == [1, 2, 3, 4]  # step 4 was logged after the last checkpoint (3), as a kill -9 would leave it
     resumed = train(cfg, resume=True)
     assert resumed.state.step == 6
+    # The loop says where it picked up: the checkpoint's step and data position (2 examples a step, 16 in all).
+    assert resumed.resumed_from is not None
+    assert {k: resumed.resumed_from[k] for k in ("step", "epoch", "step_in_epoch")} == {
+        "step": 3, "epoch": 0, "step_in_epoch": 3}
+    rows = read_metrics(resumed.run_dir)
+    assert [r["step"] for r in rows if "train_loss" in r] == [1, 2, 3, 4, 5, 6]  # no step twice
+    assert [r["resumed_from"]["step"] for r in rows if "resumed_from" in r] == [3]
     assert_same(adapter_weights(straight.run_dir), adapter_weights(resumed.run_dir), atol=1e-6)
+
+
+def test_resume_without_optimizer_state_differs(tmp_path: Path, tiny_dir: Path, monkeypatch: Any) -> None:
+    """The resume test above would pass trivially if restoring state did nothing: a resume that skips the
+    optimizer state (Adam's moments) must end on different weights."""
+    settings = {"train": {"max_steps": 6, "save_every": 3, "batch_size": 2}}
+    straight = train(make_cfg(tmp_path, tiny_dir, "straight", **settings))
+    cfg6 = make_cfg(tmp_path, tiny_dir, "skipped", **settings)
+    interrupt_before_step(cfg6, 4, monkeypatch)
+    monkeypatch.setattr(torch.optim.AdamW, "load_state_dict", lambda self, sd: None)
+    skipped = train(cfg6, resume=True)
+    assert skipped.resumed_from is not None and skipped.resumed_from["step"] == 3
+    a, b = adapter_weights(straight.run_dir), adapter_weights(skipped.run_dir)
+    assert max(float((a[k] - b[k]).abs().max()) for k in a) > 1e-4
 
 
 def test_merged_logits_equal_adapter_logits(tmp_path: Path, tiny_dir: Path) -> None:

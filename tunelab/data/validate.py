@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.data.readers import ParseResult, parse_file
-from tunelab.data.records import Conversation, Preference
+from tunelab.data.records import Conversation, Preference, Record
 from tunelab.data.templates import encode
 from tunelab.errors import Issue
 
@@ -28,6 +28,8 @@ class Report:
     truncated: int = 0
     duplicates: int = 0
     trained_tokens: int = 0
+    records: list[Record] = field(default_factory=list)
+    """The parsed records (valid lines): a run reads its data file once, here."""
 
     @property
     def errors(self) -> list[Issue]:
@@ -86,8 +88,11 @@ def dataset_checks(res: ParseResult, min_examples: int = MIN_EXAMPLES) -> tuple[
 
 
 def token_checks(
-    res: ParseResult, tokenizer: Any, max_seq_len: int | None, train_on: str = "assistant"
+    res: ParseResult, tokenizer: Any, max_seq_len: int | None, train_on: str = "assistant",
+    system_prompt: str | None = None,
 ) -> tuple[list[Issue], list[int], int, int]:
+    """Per-record token checks with the run's own label rule (`train_on`) and `system_prompt`; trained tokens
+    are those left after truncation to max_seq_len, i.e. what training puts loss on."""
     issues: list[Issue] = []
     lengths: list[int] = []
     truncated = trained = 0
@@ -96,8 +101,8 @@ def token_checks(
         longest = 0
         for c in convs:
             assert isinstance(c, Conversation)
-            enc = encode(tokenizer, c, train_on=train_on)
-            longest = max(longest, len(enc.input_ids))
+            enc = encode(tokenizer, c, train_on=train_on, max_len=max_seq_len, system_prompt=system_prompt)
+            longest = max(longest, enc.full_length)
             trained += enc.num_trained
             if enc.num_trained == 0 and c.label is None:
                 issues.append(Issue(res.path, r.source.line if r.source else None, None,
@@ -118,14 +123,18 @@ def validate_file(
     max_seq_len: int | None = None,
     expect: str | None = None,
     min_examples: int = MIN_EXAMPLES,
+    train_on: str = "assistant",
+    system_prompt: str | None = None,
 ) -> Report:
+    """Parse and check `path`; with a tokenizer, also token counts under the run's `train_on`/`system_prompt`."""
     res = parse_file(path, expect)
     issues = list(res.issues)
     extra, dups = dataset_checks(res, min_examples)
     issues.extend(extra)
-    rep = Report(str(path), res.format, len(res.records), issues, duplicates=dups)
+    rep = Report(str(path), res.format, len(res.records), issues, duplicates=dups, records=list(res.records))
     if tokenizer is not None and res.records:
-        tissues, lengths, rep.truncated, rep.trained_tokens = token_checks(res, tokenizer, max_seq_len)
+        tissues, lengths, rep.truncated, rep.trained_tokens = token_checks(res, tokenizer, max_seq_len, train_on,
+                                                                           system_prompt)
         rep.issues.extend(tissues)
         rep.token_stats = {"min": min(lengths), "mean": statistics.fmean(lengths), "max": max(lengths)}
     rep.issues.sort(key=lambda i: (i.line or 0, i.severity != "error"))

@@ -21,7 +21,8 @@ from rich.markup import escape
 
 from tunelab.config import RunConfig, load_config
 from tunelab.demo.clinical import FIELDS, FORMAT_INSTRUCTIONS, JSON_SCHEMA
-from tunelab.eval.run import RESULTS_NAME, write_json
+from tunelab.eval.run import write_json
+from tunelab.rundir import RunDir
 
 METRICS = (("json_valid", "valid JSON"), ("schema", "schema conformance"), ("field_accuracy", "field accuracy"))
 
@@ -36,12 +37,12 @@ def demo_config(out: Path, steps: int | None) -> RunConfig:
 
 
 def _train(cfg: RunConfig, console: Any) -> Path:
-    from tunelab.train import checkpoint as ckpt
     from tunelab.train.run import train
 
-    out = Path(cfg.output_dir)
-    finished = (out / "adapter").exists() and (out / "state.json").exists()
-    resume = out.exists() and not finished and bool(ckpt.list_checkpoints(out))
+    rd = RunDir(cfg.output_dir)
+    out = rd.path
+    finished = rd.is_finished()
+    resume = out.exists() and not finished and bool(rd.checkpoints())
     if resume:
         console.print(f"resuming the interrupted demo run in {out}")
     elif finished:
@@ -103,7 +104,7 @@ def run_demo(out: Path, steps: int | None = None, limit: int | None = None, cons
     console.rule("2. before / after on the held-out test split")
     assert cfg.data.test is not None
     res = compare(run_dir, limit, console)
-    results = run_dir / "eval" / RESULTS_NAME
+    results = RunDir(run_dir).results_path
     write_json(results, res)
     print_table(res, console)
     console.print(f"results: {results}")

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.engine.types import AdapterError
+from tunelab.rundir import RunDir
 
 log = logging.getLogger(__name__)
 
@@ -47,15 +48,15 @@ def discover_adapters(root: Path) -> dict[str, Path]:
     for sub in subs:
         if (sub / CONFIG).is_file():
             found[sub.name] = sub
-        elif (sub / "adapter" / CONFIG).is_file():
-            found[sub.name] = sub / "adapter"
+        elif (run_adapter := RunDir(sub).adapter) is not None:
+            found[sub.name] = run_adapter
     return found
 
 
 def read_adapter_folder(path: Path) -> AdapterFolder:
     """Read and sanity-check an adapter folder's config; raise AdapterError naming the file if it is unusable."""
-    if (path / "adapter" / CONFIG).is_file() and not (path / CONFIG).is_file():
-        path = path / "adapter"  # a tunelab run folder
+    if not (path / CONFIG).is_file() and (run_adapter := RunDir(path).adapter) is not None:
+        path = run_adapter  # a tunelab run folder
     cfg_path = path / CONFIG
     if not path.is_dir():
         raise AdapterError(f"{path}: adapter folder not found")
@@ -77,17 +78,16 @@ def read_adapter_folder(path: Path) -> AdapterFolder:
 
 
 def _tunelab_base(path: Path) -> str | None:
-    # tunelab runs may record the base next to the adapter or in the run folder above it.
-    for meta in (path / "tunelab.json", path.parent / "tunelab.json"):
-        try:
-            data = json.loads(meta.read_text())
-        except (OSError, ValueError):
-            continue
-        if isinstance(data, dict):
-            for key in ("base_model", "model", "base_model_name_or_path"):
-                if isinstance(data.get(key), str):
-                    return str(data[key])
-    return None
+    # A tunelab run records its base in the run folder's config.yaml (model.name), above RUN/adapter.
+    import yaml
+
+    try:
+        data = yaml.safe_load(RunDir(path.parent).config_path.read_text())
+    except (OSError, yaml.YAMLError):
+        return None
+    model = data.get("model") if isinstance(data, dict) else None
+    name = model.get("name") if isinstance(model, dict) else None
+    return name if isinstance(name, str) else None
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:

@@ -1,4 +1,6 @@
-"""`tunelab serve`: load a base model and adapters into an Engine and serve them over the OpenAI API.
+"""`tunelab serve`: load a base model and adapters into an Engine and serve them over the OpenAI API, with
+OpenAI's Files and Fine-tuning Jobs APIs on by default (data in the user's data home, `--data-dir` to move
+it, `--no-jobs` to serve the model APIs alone).
 
 Lives with the engine (it imports torch through it); the server package stays torch-free. Thin: parse
 options, build the engine and the app, print where to connect, run until SIGTERM/SIGINT.
@@ -12,6 +14,15 @@ import typer
 
 from tunelab.errors import ConfigError
 from tunelab.model.loading import DEFAULT_MODEL
+from tunelab.rundir import ADAPTER
+
+
+def default_data_dir() -> Path:
+    """The jobs API's data dir: $XDG_DATA_HOME/tunelab, by default ~/.local/share/tunelab (XDG base directories)."""
+    import os
+
+    home = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(home) / "tunelab"
 
 
 def parse_adapter_option(value: str) -> tuple[str, Path]:
@@ -22,7 +33,7 @@ def parse_adapter_option(value: str) -> tuple[str, Path]:
             raise ConfigError(f"--adapter {value!r}: expected NAME=PATH")
         return name, Path(path)
     p = Path(value)
-    name = p.resolve().parent.name if p.name == "adapter" else p.resolve().name
+    name = p.resolve().parent.name if p.name == ADAPTER else p.resolve().name
     return name, p
 
 
@@ -52,25 +63,30 @@ def serve_command(
     mixed_batching: bool = typer.Option(True, help="Batch requests for different adapters together."),
     log_level: str = typer.Option("warning", help="uvicorn log level."),
     data_dir: Path | None = typer.Option(
-        None, "--data-dir", help="Also serve OpenAI's Files and Fine-tuning Jobs APIs; files, jobs and models live here."
-    ),
-    workers: int = typer.Option(1, "--workers", min=1, help="With --data-dir: jobs trained at once (a child process each)."),
-    database_url: str | None = typer.Option(None, "--database-url", help="With --data-dir: SQLAlchemy URL (default SQLite)."),
-    max_upload_bytes: int = typer.Option(512 * 1024 * 1024, help="With --data-dir: largest uploaded file."),
-    max_jobs_per_owner: int = typer.Option(4, min=1, help="With --data-dir: jobs one owner may have validating, queued or running."),
-    max_files_per_owner: int = typer.Option(100, min=1, help="With --data-dir: files one owner may store."),
-    max_bytes_per_owner: int = typer.Option(10 * 1024**3, min=1, help="With --data-dir: bytes of files one owner may store."),
+        None, "--data-dir", help="Where the Files and Fine-tuning Jobs APIs keep files, jobs and models "
+        "(default: $XDG_DATA_HOME/tunelab, i.e. ~/.local/share/tunelab)."),
+    no_jobs: bool = typer.Option(False, "--no-jobs", help="Serve the model APIs only: no Files or Fine-tuning Jobs."),
+    workers: int = typer.Option(1, "--workers", min=1, help="Fine-tuning jobs trained at once (a child process each)."),
+    database_url: str | None = typer.Option(None, "--database-url", help="Jobs store: SQLAlchemy URL (default SQLite in the data dir)."),
+    max_upload_bytes: int = typer.Option(512 * 1024 * 1024, help="Largest uploaded file."),
+    set_: list[str] = typer.Option([], "--set", help="Override every job's config: key=value (e.g. train.max_steps=50)."),
+    max_jobs_per_owner: int = typer.Option(4, min=1, help="Jobs one owner may have validating, queued or running."),
+    max_files_per_owner: int = typer.Option(100, min=1, help="Files one owner may store."),
+    max_bytes_per_owner: int = typer.Option(10 * 1024**3, min=1, help="Bytes of files one owner may store."),
 ) -> None:
-    """Serve the base model and its adapters over an OpenAI-compatible API (and, with --data-dir, fine-tuning jobs)."""
+    """Serve the base model and its adapters over an OpenAI-compatible API, plus the Files and Fine-tuning Jobs APIs."""
+    from tunelab.config import parse_overrides
     from tunelab.engine.engine import Engine
     from tunelab.server import ServerSettings, create_app, load_admin_keys, load_api_keys
     from tunelab.server.run import serve
 
     adapters = dict(parse_adapter_option(a) for a in adapter)
     keys = load_api_keys(api_key, api_keys_file, admin_key)
-    # File uploads bypass the in-memory body guard and stream to disk (multipart overhead on top of the file).
-    streamed = ("/v1/files",) if data_dir is not None else ()
     admins = load_admin_keys(api_keys_file, admin_key)
+    sets = parse_overrides(set_)
+    jobs_dir = None if no_jobs else (data_dir or default_data_dir()).expanduser().resolve()
+    # File uploads bypass the in-memory body guard and stream to disk (multipart overhead on top of the file).
+    streamed = ("/v1/files",) if jobs_dir is not None else ()
     settings = ServerSettings(api_keys=keys, admin_keys=admins, max_tokens_limit=max_tokens_limit, max_n=max_n,
                               max_request_bytes=max_request_bytes, streamed_paths=streamed,
                               max_streamed_bytes=max_upload_bytes + 65536)
@@ -80,24 +96,25 @@ def serve_command(
         merge=merge, served_model_name=served_model_name, max_loaded_adapters=max_loaded_adapters,
         max_batch_size=max_batch_size, mixed_batching=mixed_batching,
     )
-    if data_dir is None:
+    if jobs_dir is None:
         app = create_app(engine, settings)
     else:
         from tunelab.jobs.app import build_jobs_app
         from tunelab.jobs.service import JobsSettings
 
         served = tuple(dict.fromkeys([engine.base_model_name, model]))
-        jobs = JobsSettings(data_dir=data_dir.resolve(), base_model=model, served_names=served,
+        jobs = JobsSettings(data_dir=jobs_dir, base_model=model, served_names=served,
                             max_upload_bytes=max_upload_bytes, max_jobs_per_owner=max_jobs_per_owner,
                             max_files_per_owner=max_files_per_owner, max_bytes_per_owner=max_bytes_per_owner,
-                            server_sets=[])
+                            server_sets=sets)
         app = build_jobs_app(engine, settings, jobs, workers=workers, database=database_url)
 
     def announce(url: str) -> None:
         names = [m.id for m in engine.list_models()]
         typer.echo(f"serving on {url}")
-        if data_dir is not None:
-            typer.echo(f"fine-tuning jobs API on: {workers} worker(s), data in {data_dir.resolve()}")
+        if jobs_dir is not None:
+            typer.echo(f"files and fine-tuning jobs APIs on: {workers} worker(s), data in {jobs_dir} "
+                       "(--no-jobs turns them off)")
         typer.echo(f"models: {', '.join(names)}")
         for path, why in engine.rejected.items():
             typer.echo(f"skipped {path}: {why}")

@@ -14,7 +14,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from tunelab.errors import ConfigError, read_yaml
+from tunelab.errors import ConfigError, format_validation_error, read_yaml
 
 DEFAULT_RUBRIC = (
     "Judge which answer better fulfils the user's request: correct, complete, following any requested "
@@ -121,12 +121,7 @@ def eval_config_from_dict(raw: Any, source: str = "eval") -> EvalConfig:
     try:
         return EvalConfig.model_validate(raw)
     except ValidationError as e:
-        lines = [f"{source}: invalid eval configuration"]
-        for err in e.errors():
-            dotted = ".".join(str(p) for p in err["loc"])
-            msg = "unknown key" if err["type"] == "extra_forbidden" else err["msg"]
-            lines.append(f"  eval.{dotted}: {msg}")
-        raise ConfigError("\n".join(lines)) from None
+        raise ConfigError(format_validation_error(e, source, EvalConfig, "eval.", "eval configuration")) from None
 
 
 def load_eval_config(path: str | Path) -> EvalConfig:

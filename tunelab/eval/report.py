@@ -21,6 +21,7 @@ import yaml
 from tunelab.errors import TunelabError
 from tunelab.eval.judge import summarize_human
 from tunelab.eval.svg import PALETTE, Marker, Series, bar_chart, line_chart
+from tunelab.rundir import RunDir
 
 REPORT_NAME = "report.html"
 UNIT_METRICS = ("exact_match", "json_valid", "schema", "field_accuracy", "rouge_l", "contains_answer")
@@ -72,11 +73,7 @@ def _read_json(p: Path) -> Any:
 
 
 def best_step(run: Path) -> int | None:
-    for cand in [run / "state.json", *sorted((run / "checkpoints").glob("step-*/state.json"), reverse=True)]:
-        st = _read_json(cand)
-        if isinstance(st, dict) and st.get("best_step") is not None:
-            return int(st["best_step"])
-    return None
+    return RunDir(run).best_step()
 
 
 def _num(v: Any) -> float | None:
@@ -101,7 +98,7 @@ def _delta(v: Any, base: Any, higher_better: bool = True) -> str:
 
 
 def loss_section(run: Path) -> str:
-    rows = _read_jsonl(run / "metrics.jsonl")
+    rows = RunDir(run).metric_rows()
     tr = [(float(r["step"]), float(r["train_loss"])) for r in rows if _num(r.get("train_loss")) is not None and "step" in r]
     va = [(float(r["step"]), float(r["valid_loss"])) for r in rows
           if _num(r.get("valid_loss")) is not None and "step" in r]
@@ -187,8 +184,8 @@ def _winrate_rows(label: str, s: dict[str, Any]) -> str:
 
 
 def winrate_section(run: Path) -> str:
-    judge = _read_json(run / "eval" / "judge.json")
-    human_path = run / "eval" / "human.jsonl"
+    judge = _read_json(RunDir(run).eval_dir / "judge.json")
+    human_path = RunDir(run).eval_dir / "human.jsonl"
     rows = []
     if isinstance(judge, dict) and "summary" in judge:
         who = f"LLM judge {judge.get('judge_model', '')}: {judge.get('x')} vs {judge.get('y')}"
@@ -244,12 +241,13 @@ def render(run: Path) -> str:
     if not run.is_dir():
         raise TunelabError(f"{run}: no such run folder", 2)
     cfg: dict[str, Any] = {}
-    if (run / "config.yaml").is_file():
+    rd = RunDir(run)
+    if rd.config_path.is_file():
         try:
-            cfg = yaml.safe_load((run / "config.yaml").read_text(encoding="utf-8")) or {}
+            cfg = yaml.safe_load(rd.config_path.read_text(encoding="utf-8")) or {}
         except yaml.YAMLError:
             cfg = {}
-    raw = _read_json(run / "eval" / "results.json")
+    raw = _read_json(rd.results_path)
     res: dict[str, Any] | None = raw if isinstance(raw, dict) and raw.get("kind") == "tunelab-eval" else None
     model = (cfg.get("model") or {}).get("name", "?") if isinstance(cfg.get("model"), dict) else "?"
     data: dict[str, Any] = cfg["data"] if isinstance(cfg.get("data"), dict) else {}
@@ -272,7 +270,7 @@ def render(run: Path) -> str:
 def write_report(run: str | Path, out: str | Path | None = None) -> Path:
     r = Path(run)
     html = render(r)
-    path = Path(out) if out else r / REPORT_NAME
+    path = Path(out) if out else RunDir(r).report_path
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(html, encoding="utf-8")
     return path

@@ -24,9 +24,10 @@ from tunelab.data.readers import read_conversations
 from tunelab.data.records import Conversation
 from tunelab.errors import ConfigError, TunelabError, read_yaml
 from tunelab.eval import metrics as M
-from tunelab.eval.config import EvalConfig, eval_config_from_dict, load_eval_config
+from tunelab.eval.config import EvalConfig, load_eval_config
 from tunelab.eval.general import general_path
 from tunelab.eval.generate import generate, reference_loss
+from tunelab.rundir import RunDir
 
 Log = Callable[[str], None]
 RESULTS_NAME = "results.json"
@@ -55,27 +56,20 @@ class EvalPlan:
     outputs: list[Path] = field(default_factory=list)
 
 
-def _split_config(p: Path) -> tuple[RunConfig, EvalConfig]:
-    """A run config whose `eval:` section may hold keys the core RunConfig does not know yet: validate the
-    eval keys with EvalConfig and pass the rest to the core validator."""
+def _read_config(path: Path) -> RunConfig:
+    """A run's config.yaml (already resolved when it was written) or a config YAML, validated once by the one
+    RunConfig, its `eval:` section included; paths in it are relative to its folder."""
     from tunelab.config_paths import resolve_paths
 
-    raw: dict[str, Any] = resolve_paths(read_yaml(p, mapping=True), p.parent)
-    ev_raw = raw.get("eval") or {}
-    ev = eval_config_from_dict(ev_raw, str(p))
-    core_eval = RunConfig.model_fields["eval"].annotation
-    known = getattr(core_eval, "model_fields", {})
-    raw = {**raw, "eval": {k: v for k, v in (ev_raw.items() if isinstance(ev_raw, dict) else []) if k in known}}
-    return config_from_dict(raw, str(p)), ev
+    return config_from_dict(resolve_paths(read_yaml(path, mapping=True), path.parent), str(path))
 
 
 def _run_target(run_dir: Path, index: int, names: set[str]) -> tuple[Target, RunConfig]:
-    if not (run_dir / "config.yaml").is_file():
+    rd = RunDir(run_dir)
+    if not rd.is_run():
         raise TunelabError(f"{run_dir}: not a tunelab run folder (no config.yaml)", 2)
-    cfg, _ = _split_config(run_dir / "config.yaml")
-    adapter = run_dir / "adapter"
-    full = run_dir / "model"
-    if not (adapter / "adapter_config.json").is_file() and not (full / "config.json").is_file():
+    cfg = _read_config(rd.config_path)
+    if rd.weights is None:
         raise TunelabError(f"{run_dir}: no adapter/ (PEFT) or model/ folder: has the run finished?", 2)
     name = run_dir.resolve().name
     if name in names or name == "base":
@@ -85,8 +79,7 @@ def _run_target(run_dir: Path, index: int, names: set[str]) -> tuple[Target, Run
     return (
         Target(
             name=name, kind="run", system_prompt=cfg.data.system_prompt, run_dir=run_dir,
-            adapter=adapter if (adapter / "adapter_config.json").is_file() else None,
-            full_model=full if (full / "config.json").is_file() else None, mix_fraction=mix,
+            adapter=rd.adapter, full_model=rd.full_model, mix_fraction=mix,
         ),
         cfg,
     )
@@ -107,14 +100,15 @@ def plan(
     run_dirs: list[Path] = []
     if src.is_dir():
         run_dirs.append(src)
-        cfg_path = src / "config.yaml"
+        cfg_path = RunDir(src).config_path
         if not cfg_path.is_file():
             raise TunelabError(f"{src}: not a tunelab run folder (no config.yaml)", 2)
     elif src.is_file():
         cfg_path = src
     else:
         raise ConfigError(f"{src}: no such config file or run folder")
-    run_cfg, ev = _split_config(cfg_path)
+    run_cfg = _read_config(cfg_path)
+    ev = run_cfg.eval
     if eval_config is not None:
         ev = load_eval_config(eval_config)
     run_dirs += [Path(r) for r in runs]
@@ -135,9 +129,9 @@ def plan(
     if out is not None:
         outs = [Path(out)]
     elif run_dirs:
-        outs = [rd / "eval" / RESULTS_NAME for rd in run_dirs]
+        outs = [RunDir(rd).results_path for rd in run_dirs]
     else:
-        outs = [Path(run_cfg.output_dir) / "eval" / "base-results.json"]
+        outs = [RunDir(run_cfg.output_dir).eval_dir / "base-results.json"]
     return EvalPlan(run_cfg, ev, cfg_path.resolve().parent, data_path, targets, outs)
 
 
@@ -359,7 +353,7 @@ def read_results(path: str | Path) -> dict[str, Any]:
     """A results JSON, or a run folder (its eval/results.json)."""
     p = Path(path)
     if p.is_dir():
-        p = p / "eval" / RESULTS_NAME
+        p = RunDir(p).results_path
     if not p.is_file():
         raise TunelabError(f"{p}: no evaluation results (run `tunelab eval` first)", 2)
     try:

@@ -98,8 +98,10 @@ def validate(job_dir: Path) -> dict[str, Any]:
         if expect == "preference":
             openai_preference_to_tunelab(path)
         is_train = name == "train.jsonl"
+        # The job's own label rule and system prompt: trained_tokens must be what training will count.
         rep = validate_file(path, tok, cfg.data.max_seq_len, expect=expect,
-                            min_examples=cfg.data.min_examples if is_train else 1)
+                            min_examples=cfg.data.min_examples if is_train else 1, train_on=cfg.data.train_on,
+                            system_prompt=cfg.data.system_prompt)
         if rep.errors:
             shown = [_issue_text(i, label) for i in rep.errors[:20]]
             more = f" (and {len(rep.errors) - 20} more)" if len(rep.errors) > 20 else ""
@@ -113,8 +115,11 @@ def validate(job_dir: Path) -> dict[str, Any]:
 
 
 def weights_in(folder: Path) -> Path:
-    """The trainable weights in a run or checkpoint folder: its PEFT `adapter`, or `model` for full fine-tuning."""
-    return folder / "adapter" if (folder / "adapter").is_dir() else folder / "model"
+    """The trainable weights in a run or checkpoint folder (tunelab.rundir's rule); `model/` when there are none yet."""
+    from tunelab.rundir import MODEL
+    from tunelab.rundir import weights_in as found
+
+    return found(folder) or folder / MODEL
 
 
 def export_checkpoint(ckpt: Path, dest_root: Path) -> None:
@@ -177,14 +182,14 @@ def _redirect_output(log: Path) -> None:
 
 
 def run_one(mode: str, job_dir: Path) -> bool:
-    from tunelab.errors import TunelabError
+    from tunelab.errors import DataError, TunelabError
 
     out_file = job_dir / ("validate.json" if mode == "validate" else "result.json")
     t0 = time.perf_counter()
     try:
         result = validate(job_dir) if mode == "validate" else train_job(job_dir)
     except TunelabError as e:
-        code = "invalid_training_file" if type(e).__name__ == "DataError" else "training_failed"
+        code = "invalid_training_file" if isinstance(e, DataError) else "training_failed"
         result = {"ok": False, "code": code, "param": "training_file" if code == "invalid_training_file" else None,
                   "message": e.message}
     except Exception as e:  # any crash becomes the job's error; the traceback stays in child.log

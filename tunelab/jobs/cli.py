@@ -1,6 +1,6 @@
-"""Commands: `tunelab serve-jobs` (the OpenAI-compatible server plus the Files and Fine-tuning Jobs APIs) and
-`tunelab jobs ...` (a client built on the official `openai` package, so the same commands work against a
-tunelab server or OpenAI's hosted service: `--base-url`, key from OPENAI_API_KEY).
+"""Commands: `tunelab jobs ...`, a client built on the official `openai` package, so the same commands work
+against a tunelab server (`tunelab serve`, whose Files and Fine-tuning Jobs APIs are on by default) or OpenAI's
+hosted service: `--base-url`, key from OPENAI_API_KEY.
 
 Thin: parse options, call the library (or the openai client), print.
 """
@@ -16,73 +16,8 @@ from typing import Any
 import typer
 
 from tunelab.errors import ConfigError, TunelabError
-from tunelab.model.loading import DEFAULT_MODEL
 
 jobs_app = typer.Typer(no_args_is_help=True, help="Fine-tuning jobs through the OpenAI API (tunelab or OpenAI).")
-
-
-def serve_jobs_command(
-    model: str = typer.Option(DEFAULT_MODEL, "--model", "-m", help="Base model to serve and fine-tune."),
-    data_dir: Path = typer.Option(Path("tunelab-data"), "--data-dir", help="Where files, jobs and models live."),
-    workers: int = typer.Option(1, "--workers", min=1, help="Jobs trained at the same time (one child process each)."),
-    database_url: str | None = typer.Option(None, "--database-url",
-                                            help="SQLAlchemy URL (default: SQLite in --data-dir)."),
-    max_upload_bytes: int = typer.Option(512 * 1024 * 1024, help="Largest uploaded file."),
-    max_jobs_per_owner: int = typer.Option(4, min=1, help="Jobs one owner may have validating, queued or running."),
-    max_files_per_owner: int = typer.Option(100, min=1, help="Files one owner may store."),
-    max_bytes_per_owner: int = typer.Option(10 * 1024**3, min=1, help="Bytes of files one owner may store."),
-    set_: list[str] = typer.Option([], "--set", help="Override every job's config: key=value (e.g. train.max_steps=50)."),
-    adapter: list[str] = typer.Option([], "--adapter", help="Also serve an adapter: NAME=PATH (repeatable)."),
-    max_loaded_adapters: int = typer.Option(8, help="Adapters kept in memory; least recently used leave first."),
-    api_key: list[str] = typer.Option([], "--api-key", help="Accept this bearer key (repeatable)."),
-    api_keys_file: Path | None = typer.Option(None, "--api-keys-file",
-                                              help="File of keys: 'KEY [OWNER [admin]]' per line."),
-    admin_key: list[str] = typer.Option([], "--admin-key", help="Also accept this key, as an admin (/health details)."),
-    host: str = typer.Option("127.0.0.1", help="Address to listen on."),
-    port: int = typer.Option(8000, help="Port to listen on (0 picks a free one)."),
-    shutdown_timeout: int = typer.Option(30, help="Seconds in-flight requests get to finish after SIGTERM."),
-    dtype: str = typer.Option("auto", help="auto, bf16, fp16 or fp32 (serving)."),
-    device: str | None = typer.Option(None, help="Serving device: cpu, cuda, cuda:1 ..."),
-    served_model_name: str | None = typer.Option(None, help="Name clients use for the base (default: --model)."),
-    max_request_bytes: int = typer.Option(1_000_000, help="Largest request body other than a file upload."),
-    log_level: str = typer.Option("warning", help="uvicorn log level."),
-) -> None:
-    """Serve the base model and its adapters, plus OpenAI's Files and Fine-tuning Jobs APIs."""
-    from tunelab.config import parse_overrides
-    from tunelab.engine.cli import parse_adapter_option
-    from tunelab.engine.engine import Engine
-    from tunelab.jobs.app import build_jobs_app
-    from tunelab.jobs.service import JobsSettings
-    from tunelab.server import ServerSettings, load_admin_keys, load_api_keys
-    from tunelab.server.run import serve
-
-    sets = parse_overrides(set_)
-    keys = load_api_keys(api_key, api_keys_file, admin_key)
-    # Uploads bypass the server's in-memory body guard and stream to disk (multipart overhead on top of the file).
-    admins = load_admin_keys(api_keys_file, admin_key)
-    settings = ServerSettings(api_keys=keys, admin_keys=admins, max_request_bytes=max_request_bytes, streamed_paths=("/v1/files",),
-                              max_streamed_bytes=max_upload_bytes + 65536)
-    typer.echo(f"loading {model} ...")
-    engine = Engine.from_pretrained(model, dtype=dtype, device=device, served_model_name=served_model_name,
-                                    adapters=dict(parse_adapter_option(a) for a in adapter),
-                                    max_loaded_adapters=max_loaded_adapters)
-    names = tuple(dict.fromkeys([engine.base_model_name, model]))
-    jobs_settings = JobsSettings(data_dir=data_dir.resolve(), base_model=model, served_names=names,
-                                 max_upload_bytes=max_upload_bytes, max_jobs_per_owner=max_jobs_per_owner,
-                                 max_files_per_owner=max_files_per_owner, max_bytes_per_owner=max_bytes_per_owner,
-                                 server_sets=sets)
-    app = build_jobs_app(engine, settings, jobs_settings, workers=workers, database=database_url)
-
-    def announce(url: str) -> None:
-        typer.echo(f"serving on {url}")
-        typer.echo(f"fine-tuning {names[0]} with {workers} worker(s); data in {jobs_settings.data_dir}")
-        typer.echo(f"try: tunelab jobs --base-url {url} list")
-
-    try:
-        serve(app, host, port, shutdown_timeout=shutdown_timeout, log_level=log_level, on_listening=announce)
-    finally:
-        engine.close()
-    typer.echo("server stopped")
 
 
 # ---------------------------------------------------------------------------------------------- client
@@ -242,5 +177,4 @@ def list_checkpoints(job_id: str, base_url: str | None = BaseUrl) -> None:
 
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:
-    app.command("serve-jobs")(serve_jobs_command)
     app.add_typer(jobs_app, name="jobs")

@@ -40,9 +40,9 @@ from tunelab.jobs.child import export_checkpoint, weights_in
 from tunelab.jobs.harvest import Cursor, checkpoint_metrics, read_metrics, result_csv
 from tunelab.jobs.service import JobsService
 from tunelab.jobs.store import checkpoints, jobs, new_id, now
+from tunelab.rundir import RunDir, parse_step
 
 log = logging.getLogger(__name__)
-CKPT_PREFIX = "step-"
 
 
 @dataclass
@@ -204,8 +204,7 @@ class WorkerPool:
             to = "paused" if row["pause_requested"] else "queued"
             self.store.update_job(row["id"], only_if_status=("running",), status=to, pid=None,
                                   pause_requested=False, estimated_finish=None)
-            ck = self.service.job_dir(row["id"]) / "run" / "checkpoints"
-            steps = sorted(int(p.name[len(CKPT_PREFIX):]) for p in ck.glob(CKPT_PREFIX + "*")) if ck.is_dir() else []
+            steps = [c.step for c in RunDir(self.service.job_dir(row["id"]) / "run").checkpoints()]
             where = f"its last checkpoint (step {steps[-1]})" if steps else "the start (no checkpoint was written)"
             self.store.add_event(row["id"], f"The server restarted; the job {'is paused' if to == 'paused' else 'resumes'}"
                                  f" from {where}", level="warn")
@@ -350,9 +349,9 @@ class WorkerPool:
     def _train(self, row: RowMapping) -> None:
         job_id = row["id"]
         jdir = self.service.job_dir(job_id)
-        run_ckpts = jdir / "run" / "checkpoints"
-        last = sorted(run_ckpts.glob(CKPT_PREFIX + "*")) if run_ckpts.is_dir() else []
-        start_step = int(last[-1].name[len(CKPT_PREFIX):]) if last else 0
+        rd = RunDir(jdir / "run")
+        last = rd.latest_checkpoint()
+        start_step = last.step if last is not None else 0
         self.store.add_event(job_id, "Fine-tuning job started" if not start_step and not row["step"]
                              else f"Fine-tuning job resumed from checkpoint at step {start_step}")
         (jdir / "result.json").unlink(missing_ok=True)
@@ -360,8 +359,14 @@ class WorkerPool:
             # With no checkpoint the child starts over and rewrites metrics.jsonl: remove it before the child
             # starts so we read the new one from byte 0. Steps already reported are still skipped
             # (last_train_step), so no event is repeated.
-            (jdir / "run" / "metrics.jsonl").unlink(missing_ok=True)
+            rd.metrics_path.unlink(missing_ok=True)
             self.store.update_job(job_id, metrics_offset=0)
+        elif rd.drop_metrics_after(start_step):
+            # The child drops the rows after its checkpoint (they are logged again); do it here, before it
+            # starts, so the byte offset read so far still falls on a line of the shorter file.
+            size = rd.metrics_path.stat().st_size
+            if row["metrics_offset"] > size:
+                self.store.update_job(job_id, metrics_offset=size)
         proc = self._take_spare()
         if self._warm and not self._stop.is_set():
             # The next job's child warms up now, while this one trains: back-to-back jobs then skip the imports.
@@ -450,7 +455,7 @@ class WorkerPool:
         step = int(result.get("step") or row["step"])
         metrics = checkpoint_metrics(run.metrics_by_step, step)
         self._add_checkpoint(row, step, weights, metrics)
-        csv_bytes = result_csv(jdir / "run" / "metrics.jsonl")
+        csv_bytes = result_csv(RunDir(jdir / "run").metrics_path)
         result_id = self.service.add_result_file(row["owner"], "step_metrics.csv", csv_bytes)
         problem = self._try_serve(name, str(weights), row)  # before `succeeded`: a client may call it at once
         if not self.store.update_job(job_id, only_if_status=("running",), status="succeeded", finished_at=now(),
@@ -466,7 +471,7 @@ class WorkerPool:
     def _harvest(self, run: _Running, cfg: dict[str, Any], final: bool = False) -> None:
         row = self.store.get(jobs, run.job_id)
         assert row is not None
-        path = self.service.job_dir(run.job_id) / "run" / "metrics.jsonl"
+        path = RunDir(self.service.job_dir(run.job_id) / "run").metrics_path
         if path.exists():
             self._harvest_metrics(run, row, path, cfg, final)
         self._harvest_checkpoints(run, self.store.get(jobs, run.job_id) or row, final)
@@ -499,23 +504,22 @@ class WorkerPool:
     def _harvest_checkpoints(self, run: _Running, row: RowMapping, final: bool = False) -> None:
         jdir = self.service.job_dir(run.job_id)
         exported = jdir / "checkpoints"
-        src_root = jdir / "run" / "checkpoints"
-        if final and src_root.is_dir():
+        if final:
             # The child exports each checkpoint before the loop rotates it away (child.export_checkpoint). One
             # committed but not yet exported -- the child was killed in between -- is exported here, once the
             # child is gone, so the two never write the same folder.
-            for d in sorted(src_root.glob(CKPT_PREFIX + "*")):
-                if (d / "state.json").exists() and not (exported / d.name).exists():
+            for ck in RunDir(jdir / "run").checkpoints():
+                if not (exported / ck.path.name).exists():
                     try:
-                        export_checkpoint(d, exported)
+                        export_checkpoint(ck.path, exported)
                     except (OSError, shutil.Error):
                         continue
         if not exported.is_dir():
             return
         known = {r["step_number"] for r in self.store.checkpoints_of(run.job_id)}
-        for d in sorted(exported.glob(CKPT_PREFIX + "*")):  # .tmp-* folders are exports in progress
-            step = int(d.name[len(CKPT_PREFIX):])
-            if step not in known:
+        for d in sorted(exported.iterdir()):  # .tmp-* folders are exports in progress
+            step = parse_step(d.name)
+            if step is not None and step not in known:
                 self._add_checkpoint(row, step, d, checkpoint_metrics(run.metrics_by_step, step))
 
     def _add_checkpoint(self, row: RowMapping, step: int, path: Path, metrics: dict[str, Any]) -> None:

@@ -11,6 +11,7 @@ from typing import Any
 
 from tunelab.config import LoraConfig as LoraSection
 from tunelab.errors import TunelabError
+from tunelab.rundir import ADAPTER_CONFIG, RunDir
 
 log = logging.getLogger(__name__)
 
@@ -68,7 +69,7 @@ def apply_finetune(
 def read_run_config(run_dir: Path) -> dict[str, Any]:
     import yaml
 
-    p = run_dir / "config.yaml"
+    p = RunDir(run_dir).config_path
     if not p.exists():
         raise TunelabError(f"{run_dir}: not a tunelab run folder (no config.yaml)", 2)
     data = yaml.safe_load(p.read_text())
@@ -77,10 +78,10 @@ def read_run_config(run_dir: Path) -> dict[str, Any]:
 
 
 def adapter_dir_of(path: Path) -> Path | None:
-    for cand in (path, path / "adapter"):
-        if (cand / "adapter_config.json").exists():
-            return cand
-    return None
+    """An adapter folder itself, or a run folder's adapter/ (tunelab.rundir's rule)."""
+    if (path / ADAPTER_CONFIG).exists():
+        return path
+    return RunDir(path).adapter
 
 
 def load_for_inference(target: str, *, dtype: str = "auto", merge: bool = False) -> tuple[Any, Any, str]:
@@ -89,15 +90,16 @@ def load_for_inference(target: str, *, dtype: str = "auto", merge: bool = False)
     from tunelab.model.loading import load_model
 
     p = Path(target)
-    if p.is_dir() and (p / "config.yaml").exists() and (p / "model").is_dir():  # full fine-tune run
-        model, tok = load_model(str(p / "model"), dtype=dtype)
+    rd = RunDir(p)
+    if p.is_dir() and rd.is_run() and rd.full_model is not None:  # full fine-tune run
+        model, tok = load_model(str(rd.full_model), dtype=dtype)
         return model.eval(), tok, f"{p} (full fine-tune)"
     ad = adapter_dir_of(p) if p.is_dir() else None
     if ad is None:
         model, tok = load_model(target, dtype=dtype)
         return model.eval(), tok, f"{target} (base)"
     base = None
-    if (p / "config.yaml").exists():
+    if rd.is_run():
         mc = read_run_config(p).get("model", {})
         base = mc.get("name") if isinstance(mc, dict) else None
     if base is None:
@@ -107,7 +109,7 @@ def load_for_inference(target: str, *, dtype: str = "auto", merge: bool = False)
     from peft import PeftModel
 
     model, tok = load_model(base, dtype=dtype)
-    tok_dir = p / "tokenizer"
+    tok_dir = rd.tokenizer_dir
     if tok_dir.is_dir():
         from transformers import AutoTokenizer
 

@@ -4,22 +4,16 @@ call on `Registry`; `--json` prints what the Python API returns."""
 from __future__ import annotations
 
 import json
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from tunelab.engine.cli import default_data_dir  # the same data dir as `tunelab serve`
 from tunelab.registry.core import Registry
 from tunelab.registry.types import DEFAULT_ALIAS, RegistryError, parse_ref, parse_split
 
 registry_app = typer.Typer(no_args_is_help=True, help="Versioned models: register runs, aliases, A/B splits.")
-
-
-def default_data_dir() -> Path:
-    """The data dir `tunelab serve` uses when none is given: $XDG_DATA_HOME/tunelab (~/.local/share/tunelab)."""
-    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
-    return Path(base) / "tunelab"
 
 
 DataDir = Annotated[Path | None, typer.Option("--data-dir", help="data dir (default: $XDG_DATA_HOME/tunelab)")]

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import random
-import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
@@ -21,12 +20,12 @@ from typing import Any
 import numpy as np
 import torch
 
-CKPT_RE = re.compile(r"^step-(\d+)$")
+from tunelab.rundir import RunDir, checkpoint_name
+
 EXTRA_FILE = "method_state.safetensors"  # a method's own trainable tensors (reward/value heads)
 
 
-def save_weights(model: Any, out: Path, tokenizer: Any | None = None,
-                 state_dict: dict[str, torch.Tensor] | None = None) -> None:
+def save_weights(model: Any, out: Path, state_dict: dict[str, torch.Tensor] | None = None) -> None:
     """PEFT models save adapter_config.json + adapter_model.safetensors; full models a whole HF folder.
     `state_dict`: weights gathered from a sharded model (train/fsdp.py) instead of the model's own."""
     out.mkdir(parents=True, exist_ok=True)
@@ -36,8 +35,6 @@ def save_weights(model: Any, out: Path, tokenizer: Any | None = None,
         model.save_pretrained(out, safe_serialization=True, save_embedding_layers=False, state_dict=state_dict)
     else:
         model.save_pretrained(out, safe_serialization=True, state_dict=state_dict)
-    if tokenizer is not None:
-        tokenizer.save_pretrained(out)
 
 
 def rng_state() -> dict[str, Any]:
@@ -63,10 +60,10 @@ def write_checkpoint(
 ) -> Path:
     """Write `step-NNNNNN` atomically, call `on_commit(path)` (e.g. export the weights elsewhere) while it
     still exists, then rotate older checkpoints away."""
-    ckpts = run_dir / "checkpoints"
+    ckpts = RunDir(run_dir).checkpoints_dir
     ckpts.mkdir(parents=True, exist_ok=True)
-    final = ckpts / f"step-{step:06d}"
-    tmp = ckpts / f".tmp-step-{step:06d}"
+    final = ckpts / checkpoint_name(step)
+    tmp = ckpts / f".tmp-{checkpoint_name(step)}"
     if tmp.exists():
         shutil.rmtree(tmp)
     tmp.mkdir()
@@ -91,11 +88,7 @@ def write_checkpoint(
 
 
 def list_checkpoints(run_dir: Path) -> list[Path]:
-    d = run_dir / "checkpoints"
-    if not d.is_dir():
-        return []
-    found = [(int(m.group(1)), p) for p in d.iterdir() if (m := CKPT_RE.match(p.name)) and (p / "state.json").exists()]
-    return [p for _, p in sorted(found)]
+    return [c.path for c in RunDir(run_dir).checkpoints()]
 
 
 def rotate(ckpts: Path, keep: int, protect: int | None = None) -> None:
@@ -103,7 +96,7 @@ def rotate(ckpts: Path, keep: int, protect: int | None = None) -> None:
         shutil.rmtree(leftover, ignore_errors=True)
     done = list_checkpoints(ckpts.parent)
     for p in done[:-keep]:
-        if protect is not None and p.name == f"step-{protect:06d}":
+        if protect is not None and p.name == checkpoint_name(protect):
             continue
         shutil.rmtree(p, ignore_errors=True)
 

@@ -3,8 +3,8 @@
 Sets up everything around the loop (data validation and encoding, model and adapters, optimizer, schedule,
 resume, tracking, outputs) and hands over to `tunelab.train.loop.run_loop`.
 
-A run folder holds: config.yaml (resolved), manifest.json (hashes, versions, seed), metrics.jsonl, loss.png,
-state.json, tokenizer/, adapter/ (PEFT format) or model/ (full fine-tuning), checkpoints/step-N/.
+The run folder's layout (config.yaml, manifest.json, metrics.jsonl, state.json, tokenizer/, adapter/ or model/,
+checkpoints/step-N/ ...) is owned by `tunelab.rundir.RunDir`.
 """
 
 from __future__ import annotations
@@ -32,6 +32,7 @@ from tunelab.data.validate import validate_file
 from tunelab.errors import DataError, TunelabError
 from tunelab.model.adapters import apply_finetune
 from tunelab.model.loading import bf16_supported, describe_parameters, load_model
+from tunelab.rundir import ResumeEvent, RunDir, weights_name
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import fsdp
 from tunelab.train.hooks import finetune_hooks
@@ -73,6 +74,8 @@ class RunResult:
     run_dir: Path
     state: LoopState
     final_valid: dict[str, float]
+    resumed_from: dict[str, Any] | None = None
+    """On resume: the checkpoint step and data position (epoch, step_in_epoch, tokens_seen) training continued from."""
 
 
 def sha256_file(p: str | Path) -> str:
@@ -83,20 +86,23 @@ def sha256_file(p: str | Path) -> str:
     return h.hexdigest()
 
 
-def _load_split(path: str, expect: str, max_seq_len: int, tok: Any, console: Any, min_examples: int) -> list[Record]:
-    """The same validation as `tunelab data validate`; errors refuse the run, warnings are summarised."""
-    rep = validate_file(path, tok, max_seq_len, expect=expect, min_examples=min_examples)
+def _load_split(path: str, expect: str, cfg: RunConfig, tok: Any, console: Any, min_examples: int) -> list[Record]:
+    """The same validation as `tunelab data validate`, with the run's own train_on and system_prompt; errors
+    refuse the run, warnings are summarised. The file is parsed once: the records come from the validation."""
+    d = cfg.data
+    rep = validate_file(path, tok, d.max_seq_len, expect=expect, min_examples=min_examples, train_on=d.train_on,
+                        system_prompt=d.system_prompt)
     if rep.errors:
         raise DataError(rep.issues, header=f"{path}: invalid data (run `tunelab data validate {path}`)")
     if rep.warnings and console is not None:
         console.print(f"[yellow]{path}: {len(rep.warnings)} warning(s)[/yellow] (e.g. {rep.warnings[0]})")
-    return read_records(path, expect=expect)
+    return rep.records
 
 
 def load_data(cfg: RunConfig, expect: str, tok: Any, console: Any) -> tuple[list[Record], list[Record]]:
     d = cfg.data
-    train = _load_split(d.train, expect, d.max_seq_len, tok, console, d.min_examples)
-    valid = _load_split(d.validation, expect, d.max_seq_len, tok, console, 1) if d.validation else []
+    train = _load_split(d.train, expect, cfg, tok, console, d.min_examples)
+    valid = _load_split(d.validation, expect, cfg, tok, console, 1) if d.validation else []
     if not valid and d.validation_fraction > 0:
         from tunelab.data.convert import split_records
 
@@ -151,7 +157,8 @@ def build_optimizer(cfg: RunConfig, model: Any, console: Any) -> torch.optim.Opt
         if p.requires_grad:
             (no_decay if p.ndim < 2 or "norm" in n.lower() or n.endswith(".bias") else decay).append(p)
     groups = [{"params": decay, "weight_decay": cfg.train.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    wants_paged = cfg.train.optimizer == "paged_adamw" or cfg.finetune == "qlora"
+    # QLoRA's paged AdamW is chosen in the config (the resolved config.yaml says so), never switched here.
+    wants_paged = cfg.train.optimizer == "paged_adamw"
     if wants_paged and torch.cuda.is_available():
         import bitsandbytes as bnb
 
@@ -179,7 +186,7 @@ def write_manifest(run_dir: Path, cfg: RunConfig, config_yaml: str) -> None:
                      "peft": peft.__version__, "accelerate": accelerate.__version__, "python": platform.python_version()},
         "command": " ".join(sys.argv),
     }
-    (run_dir / "manifest.json").write_text(json.dumps(manifest, indent=1))
+    RunDir(run_dir).manifest_path.write_text(json.dumps(manifest, indent=1))
 
 
 def prepare_run_dir(cfg: RunConfig, resume: bool, overwrite: bool) -> Path:
@@ -254,16 +261,18 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
     ctx = LoopContext(cfg=cfg, run_dir=run_dir, model=model, tokenizer=tok, accelerator=accelerator, method=method,
                       train_items=train_items, valid_items=valid_items, total_steps=total_steps,
                       steps_per_epoch=steps_per_epoch, optimizer=optimizer, scheduler=scheduler,
-                      weights_name="adapter" if cfg.uses_adapter else "model", config_yaml=config_yaml,
+                      weights_name=weights_name(cfg.uses_adapter), config_yaml=config_yaml,
                       console=con, bf16=bf16, on_checkpoint=on_checkpoint, sharded=sharded,
                       hooks=finetune_hooks(cfg))
+    rd = RunDir(run_dir)
     found = ckpt.list_checkpoints(run_dir) if resume else []
     if not found and is_main:
-        (run_dir / "config.yaml").write_text(config_yaml)
+        rd.config_path.write_text(config_yaml)
         write_manifest(run_dir, cfg, config_yaml)
-        tok.save_pretrained(run_dir / "tokenizer")
-        (run_dir / "metrics.jsonl").unlink(missing_ok=True)
+        tok.save_pretrained(rd.tokenizer_dir)
+        rd.metrics_path.unlink(missing_ok=True)
     ctx.tracker = Tracker(run_dir, list(cfg.track), cfg.model_dump(mode="json"), cfg.mlflow_uri, enabled=is_main)
+    resumed_from: dict[str, Any] | None = None
     # setup() first: a method may add modules and optimizer groups (reward/value heads) that the saved state has.
     method.setup(ctx)
     if found:
@@ -278,8 +287,16 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
         scheduler.load_state_dict(sch_sd)
         ckpt.set_rng_state(rng)
         ctx.state = LoopState.from_dict(state)
+        st = ctx.state
+        resumed_from = {"checkpoint": str(found[-1]), "step": st.step, "epoch": st.epoch,
+                        "step_in_epoch": st.step_in_epoch, "tokens_seen": st.tokens_seen}
+        if is_main:
+            # Rows a killed run logged after this checkpoint are logged again from here: drop them first.
+            rd.drop_metrics_after(st.step)
+            ctx.tracker.log(ResumeEvent(st.step, resumed_from))
         if con is not None:
-            con.print(f"resuming from {found[-1]} (step {ctx.state.step}/{total_steps})")
+            con.print(f"resuming from {found[-1]} (step {st.step}/{total_steps}, epoch {st.epoch}, "
+                      f"step {st.step_in_epoch} of {steps_per_epoch} in it, {st.tokens_seen} tokens seen)")
     try:
         with _progress(con, show_progress) as progress:
             run_loop(ctx, progress)
@@ -290,7 +307,9 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
                            "Lower train.lr or enable train.max_grad_norm.", 3) from None
     finally:
         ctx.tracker.close()
-    return _finish(ctx)
+    result = _finish(ctx)
+    result.resumed_from = resumed_from
+    return result
 
 
 def _finish(ctx: LoopContext) -> RunResult:
@@ -298,8 +317,8 @@ def _finish(ctx: LoopContext) -> RunResult:
     ctx.accelerator.wait_for_everyone()
     weights = ctx.gathered_weights()  # collective: every process, whichever weights rank 0 ends up writing
     if ctx.is_main:
-        out = run_dir / ctx.weights_name
-        best = run_dir / "best" / ctx.weights_name
+        rd = RunDir(run_dir)
+        out, best = rd.output_dir(ctx.weights_name), rd.best_dir(ctx.weights_name)
         if out.exists():
             shutil.rmtree(out)
         if st.stopped_early and best.exists():
@@ -308,7 +327,7 @@ def _finish(ctx: LoopContext) -> RunResult:
             ckpt.save_weights(ctx.unwrap(), out, state_dict=weights)
         if ctx.weights_name == "model":
             ctx.tokenizer.save_pretrained(out)
-        (run_dir / "state.json").write_text(json.dumps(asdict(st), indent=1))
+        rd.state_path.write_text(json.dumps(asdict(st), indent=1))
         plot_loss(run_dir, st.best_step)
     ctx.accelerator.wait_for_everyone()
     return RunResult(run_dir, st, ctx.last_valid)

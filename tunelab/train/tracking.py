@@ -5,18 +5,19 @@ and a loss-curve PNG at the end.
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 from typing import Any
 
 from tunelab.errors import TunelabError
+from tunelab.rundir import MetricEvent, RunDir, event_row
 
 
 class Tracker:
     def __init__(self, run_dir: Path, backends: list[str], config: dict[str, Any], mlflow_uri: str | None,
                  enabled: bool = True) -> None:
-        self.path = run_dir / "metrics.jsonl"
+        self.run = RunDir(run_dir)
+        self.path = self.run.metrics_path
         self.enabled = enabled
         self.tb: Any = None
         self.mlflow: Any = None
@@ -41,11 +42,11 @@ class Tracker:
             flat = _flatten(config)
             mlflow.log_params({k: str(v)[:250] for k, v in list(flat.items())[:100]})
 
-    def log(self, row: dict[str, Any]) -> None:
+    def log(self, event: MetricEvent | dict[str, Any]) -> None:
         if not self.enabled:
             return
-        with self.path.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(row) + "\n")
+        row = event if isinstance(event, dict) else event_row(event)
+        self.run.append_metric(row)
         step = int(row.get("step", 0))
         nums = {k: float(v) for k, v in row.items() if isinstance(v, int | float) and not isinstance(v, bool) and k != "step"}
         if self.tb is not None:
@@ -74,10 +75,7 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
-    p = run_dir / "metrics.jsonl"
-    if not p.exists():
-        return []
-    return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+    return RunDir(run_dir).metric_rows()
 
 
 def plot_loss(run_dir: Path, best_step: int | None = None) -> Path | None:
@@ -105,7 +103,7 @@ def plot_loss(run_dir: Path, best_step: int | None = None) -> Path | None:
     ax.set_ylabel("loss")
     ax.legend()
     fig.tight_layout()
-    out = run_dir / "loss.png"
+    out = RunDir(run_dir).loss_plot_path
     fig.savefig(out, dpi=100)
     plt.close(fig)
     return out

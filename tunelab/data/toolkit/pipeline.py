@@ -22,16 +22,25 @@ import json
 import shutil
 import time
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Discriminator,
+    Field,
+    Tag,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from tunelab.data.toolkit.contamination import ContaminationConfig, contamination
 from tunelab.data.toolkit.dedup import DedupConfig, dedup
 from tunelab.data.toolkit.filter import FilterConfig, quality_filter
 from tunelab.data.toolkit.io import StepReport, console
 from tunelab.data.toolkit.scrub import ScrubConfig, scrub
-from tunelab.errors import ConfigError, read_yaml
+from tunelab.errors import ConfigError, format_validation_error, read_yaml
 
 
 class ContaminationStep(ContaminationConfig):
@@ -39,12 +48,55 @@ class ContaminationStep(ContaminationConfig):
     """The evaluation file whose examples must not appear in training."""
 
 
-STEP_MODELS: dict[str, type[BaseModel]] = {
-    "dedup": DedupConfig,
-    "scrub": ScrubConfig,
-    "filter": FilterConfig,
-    "contamination": ContaminationStep,
-}
+class _Step(BaseModel):
+    """One pipeline step, written `- NAME: {options}` (empty options may be left out: `- scrub:`)."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _empty_options(cls, v: Any) -> Any:
+        return {k: ({} if o is None else o) for k, o in v.items()} if isinstance(v, dict) else v
+
+    @property
+    def name(self) -> str:
+        return next(iter(type(self).model_fields))
+
+
+class DedupStep(_Step):
+    dedup: DedupConfig
+
+
+class ScrubStep(_Step):
+    scrub: ScrubConfig
+
+
+class FilterStep(_Step):
+    filter: FilterConfig
+
+
+class ContaminationCheckStep(_Step):
+    contamination: ContaminationStep
+
+
+STEPS: dict[str, type[_Step]] = {"dedup": DedupStep, "scrub": ScrubStep, "filter": FilterStep,
+                                 "contamination": ContaminationCheckStep}
+
+
+def _step_tag(v: Any) -> str | None:
+    if isinstance(v, _Step):
+        return v.name
+    return next(iter(v)) if isinstance(v, dict) and len(v) == 1 and next(iter(v)) in STEPS else None
+
+
+Step = Annotated[
+    Annotated[DedupStep, Tag("dedup")] | Annotated[ScrubStep, Tag("scrub")] | Annotated[FilterStep, Tag("filter")]
+    | Annotated[ContaminationCheckStep, Tag("contamination")],
+    Discriminator(_step_tag, custom_error_type="unknown_step",
+                  custom_error_message=f"each step is a one-key mapping naming one of {', '.join(STEPS)}, "
+                                       "like '- dedup: {...}'"),
+]
+"""A discriminated union: the step's one key picks its options model."""
 
 
 class PipelineConfig(BaseModel):
@@ -53,26 +105,15 @@ class PipelineConfig(BaseModel):
     input: str
     output: str
     work_dir: str = "runs/data-pipeline"
-    steps: list[dict[str, Any]]
+    steps: list[Step] = Field(min_length=1)
 
-    @field_validator("steps")
+    @field_validator("steps", mode="before")
     @classmethod
-    def _steps(cls, v: list[dict[str, Any]]) -> list[dict[str, Any]]:
-        if not v:
-            raise ValueError("at least one step is needed")
-        out = []
-        for i, s in enumerate(v):
-            if not isinstance(s, dict) or len(s) != 1:
-                raise ValueError(f"steps[{i}]: each step is a one-key mapping like '- dedup: {{...}}'")
-            (name, opts), = s.items()
-            if name not in STEP_MODELS:
-                raise ValueError(f"steps[{i}]: unknown step {name!r} (known: {', '.join(STEP_MODELS)})")
-            try:
-                out.append({name: STEP_MODELS[name].model_validate(opts or {})})
-            except ValidationError as e:
-                detail = "; ".join(f"{'.'.join(str(x) for x in er['loc'])}: {er['msg']}" for er in e.errors())
-                raise ValueError(f"steps[{i}].{name}: {detail}") from None
-        return out
+    def _known_steps(cls, v: Any) -> Any:
+        for i, s in enumerate(v if isinstance(v, list) else []):
+            if isinstance(s, dict) and len(s) == 1 and (name := next(iter(s))) not in STEPS:
+                raise ValueError(f"steps[{i}]: unknown step {name!r} (known: {', '.join(STEPS)})")
+        return v
 
 
 def load_pipeline(path: str | Path) -> tuple[PipelineConfig, Path]:
@@ -89,8 +130,8 @@ def load_pipeline(path: str | Path) -> tuple[PipelineConfig, Path]:
     try:
         return PipelineConfig.model_validate(section), p.parent
     except ValidationError as e:
-        lines = [f"  data.pipeline.{'.'.join(str(x) for x in er['loc'])}: {er['msg']}" for er in e.errors()]
-        raise ConfigError(f"{p}: invalid data.pipeline section\n" + "\n".join(lines)) from None
+        raise ConfigError(format_validation_error(e, str(p), PipelineConfig, "data.pipeline.",
+                                                  "data.pipeline section")) from None
 
 
 def run_pipeline(cfg: PipelineConfig, base: str | Path = ".") -> dict[str, Any]:
@@ -107,17 +148,17 @@ def run_pipeline(cfg: PipelineConfig, base: str | Path = ".") -> dict[str, Any]:
     reports: list[StepReport] = []
     t0 = time.perf_counter()
     for n, step in enumerate(cfg.steps, start=1):
-        (name, opts), = step.items()
-        out = work / f"{n:02d}-{name}.jsonl"
-        rej = work / f"{n:02d}-{name}.rejects.jsonl"
-        console.print(f"[bold]step {n}/{len(cfg.steps)}: {name}[/bold]")
-        if name == "dedup":
-            rep = dedup(current, out, opts, rej)
-        elif name == "scrub":
-            rep = scrub(current, out, opts, rej)
-        elif name == "filter":
-            rep = quality_filter(current, out, opts, rej)
+        out = work / f"{n:02d}-{step.name}.jsonl"
+        rej = work / f"{n:02d}-{step.name}.rejects.jsonl"
+        console.print(f"[bold]step {n}/{len(cfg.steps)}: {step.name}[/bold]")
+        if isinstance(step, DedupStep):
+            rep = dedup(current, out, step.dedup, rej)
+        elif isinstance(step, ScrubStep):
+            rep = scrub(current, out, step.scrub, rej)
+        elif isinstance(step, FilterStep):
+            rep = quality_filter(current, out, step.filter, rej)
         else:
+            opts = step.contamination
             c = ContaminationConfig.model_validate(opts.model_dump(exclude={"eval"}))
             _, srep = contamination(current, rel(opts.eval), c, output=out, rejects=rej)
             assert srep is not None
