@@ -67,22 +67,27 @@ def run_one(a: argparse.Namespace, work: Path) -> dict[str, Any]:
         _no_eot_loss()
     cfg = demo_config(work / a.name, None, ["eval.baseline=false", "train.eval_every=100000", *a.set])
     console = Console(stderr=True)
+    run_dir = Path(cfg.output_dir)
     load0 = os.getloadavg()[0]
-    t0 = time.time()
-    res = train(cfg, overwrite=True, console=console, show_progress=False)
-    train_s = time.time() - t0
+    if a.skip_train and (run_dir / "adapter").is_dir():  # score an earlier row's finished run again
+        rows = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+        train_s = max(r.get("elapsed_s", 0.0) for r in rows)  # the training loop's own clock
+    else:
+        t0 = time.time()
+        run_dir = train(cfg, overwrite=True, console=console, show_progress=False).run_dir
+        train_s = time.time() - t0
     load = (load0 + os.getloadavg()[0]) / 2
     split = "test" if a.report else "validation"
     base_file = work / f"base-{split}.json"
     prev = json.loads(base_file.read_text()) if base_file.is_file() else None
-    out = compare(res.run_dir, None, console, general=a.general, data=bundled_path(split),
+    out = compare(run_dir, None, console, general=a.general, data=bundled_path(split),
                   general_data=None if a.report else general_validation(), baseline=prev)
-    write_json(res.run_dir / "eval" / f"{split}-results.json", out)
+    write_json(run_dir / "eval" / f"{split}-results.json", out)
     if prev is None:
         write_json(base_file, out)
     base, tuned = out["targets"][0], out["targets"][1]
-    losses = [json.loads(x) for x in (res.run_dir / "metrics.jsonl").read_text().splitlines()]
-    val = [r["val_loss"] for r in losses if "val_loss" in r]
+    losses = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    val = [r["valid_loss"] for r in losses if "valid_loss" in r]
     row = {
         "name": a.name + (" (no eot loss)" if a.no_eot_loss else "") + (" [TEST split]" if a.report else ""),
         "overrides": " ".join(a.set) + (" --no-eot-loss" if a.no_eot_loss else ""),
@@ -131,6 +136,7 @@ def main() -> None:
     ap.add_argument("--general", type=int, default=60, help="general validation questions")
     ap.add_argument("--work", default="runs/sweep")
     ap.add_argument("--table", action="store_true", help="only print the table so far")
+    ap.add_argument("--skip-train", action="store_true", help="reuse the finished run of the same --name")
     ap.add_argument("--report", action="store_true",
                     help="score the test split and general eval set (to report a chosen recipe, not to choose)")
     a = ap.parse_args()
