@@ -1,5 +1,6 @@
-"""The bundled clinical-note -> JSON demo task: generator determinism, the train/test vocabulary split, the
-shipped files, and the task's scores as `tunelab eval` computes them for the demo (worked out by hand)."""
+"""The bundled clinical-note -> JSON demo task: generator determinism and its recorded seed, the three disjoint
+vocabulary pools (train A, validation C, test B), the shipped files passing the contamination check, and the
+task's scores as `tunelab eval` computes them for the demo (worked out by hand)."""
 
 from __future__ import annotations
 
@@ -12,11 +13,14 @@ import pytest
 from jsonschema import Draft202012Validator
 
 from tunelab.data.readers import parse_file
+from tunelab.data.toolkit.contamination import contamination
 from tunelab.demo import clinical
 from tunelab.demo.clinical import (
     FIELDS,
     FORMAT_INSTRUCTIONS,
     JSON_SCHEMA,
+    POOLS,
+    SEED,
     SIZES,
     SPLITS,
     build_splits,
@@ -25,8 +29,9 @@ from tunelab.demo.clinical import (
     load_examples,
     prompt_messages,
 )
-from tunelab.demo.vocab import POOL_A, POOL_B
+from tunelab.demo.vocab import POOL_A, POOL_B, POOL_C
 from tunelab.eval import metrics as M
+from tunelab.eval.general import general_path
 
 REF = {
     "chief_complaint": "R ear pain",
@@ -57,11 +62,15 @@ def _code_in(code: str, text: str) -> bool:
 # ---------------------------------------------------------------- generator
 
 
-def test_regenerating_with_default_seed_reproduces_shipped_files(tmp_path: Path) -> None:
-    paths = generate(tmp_path, seed=0)
+def test_regenerating_with_the_recorded_seed_reproduces_shipped_files(tmp_path: Path) -> None:
+    recorded = json.loads((bundled_path("train").parent / "generator.json").read_text(encoding="utf-8"))
+    assert recorded["seed"] == SEED == 0
+    assert recorded["splits"] == {s: {"examples": SIZES[s], "pool": POOLS[s].name} for s in SPLITS}
+    paths = generate(tmp_path, seed=recorded["seed"])
     assert set(paths) == set(SPLITS)
     for split in SPLITS:
         assert paths[split].read_bytes() == bundled_path(split).read_bytes(), split
+    assert (tmp_path / "generator.json").read_bytes() == (bundled_path("train").parent / "generator.json").read_bytes()
 
 
 def test_seed_changes_the_data_and_same_seed_repeats_it() -> None:
@@ -115,40 +124,70 @@ def test_references_validate_and_are_spans_of_the_note(split: str) -> None:
         assert len(note.split()) <= 70
 
 
-def test_test_split_vocabulary_never_appears_in_train_or_validation() -> None:
-    seen_text = "\n".join(_note(r) + "\n" + r["messages"][1]["content"] for s in ("train", "validation") for r in _rows(s))
-    test_targets = [_target(r) for r in _rows("test")]
-    for t in test_targets:
+HELD_OUT = [("validation", POOL_C), ("test", POOL_B)]
+
+
+@pytest.mark.parametrize(("split", "pool"), HELD_OUT)
+def test_held_out_vocabulary_never_appears_in_the_other_splits(split: str, pool: Any) -> None:
+    others = [s for s in SPLITS if s != split]
+    seen_text = "\n".join(_note(r) + "\n" + r["messages"][1]["content"] for s in others for r in _rows(s))
+    targets = [_target(r) for r in _rows(split)]
+    for t in targets:
         assert t["chief_complaint"].lower() not in seen_text.lower(), t["chief_complaint"]
         assert t["plan"] not in seen_text, t["plan"]
         for name in t["assessment"].split("; "):
             assert name not in seen_text, name
         for code in t["icd10_codes"]:
             assert not _code_in(code, seen_text), code
-    # The test split does exercise the whole of pool B's diagnoses, and train the whole of pool A's.
-    assert {c for t in test_targets for c in t["icd10_codes"]} == {c.code for c in POOL_B.cases}
+    # Each split exercises the whole of its pool's diagnoses.
+    assert {c for t in targets for c in t["icd10_codes"]} == {c.code for c in pool.cases}
     train_codes = {c for r in _rows("train") for c in _target(r)["icd10_codes"]}
     assert train_codes == {c.code for c in POOL_A.cases}
 
 
-def test_test_split_templates_never_appear_in_train_or_validation() -> None:
-    train_notes = "\n".join(_note(r) for s in ("train", "validation") for r in _rows(s))
-    test_notes = "\n".join(_note(r) for r in _rows("test"))
-    assert not set(POOL_A.templates) & set(POOL_B.templates)
-    for template in POOL_B.templates:
-        # The longest fixed text of each pool-B template is its fingerprint: present in test, absent in train.
+@pytest.mark.parametrize(("split", "pool"), HELD_OUT)
+def test_held_out_templates_never_appear_in_the_other_splits(split: str, pool: Any) -> None:
+    other_notes = "\n".join(_note(r) for s in SPLITS if s != split for r in _rows(s))
+    own_notes = "\n".join(_note(r) for r in _rows(split))
+    for other in (POOL_A, POOL_B, POOL_C):
+        if other is not pool:
+            assert not set(other.templates) & set(pool.templates), other.name
+    for template in pool.templates:
+        # The longest fixed text of each held-out template is its fingerprint: present in its split only.
         fixed = max(re.split(r"\{\w+\}", template), key=len).strip()
         assert len(fixed) >= 3, template
-        assert fixed in test_notes, f"pool-B template never used: {template!r}"
-        assert fixed not in train_notes, f"pool-B template text {fixed!r} leaked into training notes"
+        assert fixed in own_notes, f"pool-{pool.name} template never used: {template!r}"
+        assert fixed not in other_notes, f"pool-{pool.name} template text {fixed!r} leaked into another split"
 
 
-def test_pools_share_no_vocabulary() -> None:
-    a, b = POOL_A.cases, POOL_B.cases
-    assert not {c.code for c in a} & {c.code for c in b}
-    assert not {c.diagnosis for c in a} & {c.diagnosis for c in b}
-    assert not {x for c in a for x in c.complaints} & {x for c in b for x in c.complaints}
-    assert not {x for c in a for x in c.plans} & {x for c in b for x in c.plans}
+@pytest.mark.parametrize(("a", "b"), [(POOL_A, POOL_B), (POOL_A, POOL_C), (POOL_B, POOL_C)])
+def test_pools_share_no_vocabulary(a: Any, b: Any) -> None:
+    assert not {c.code for c in a.cases} & {c.code for c in b.cases}
+    assert not {c.diagnosis for c in a.cases} & {c.diagnosis for c in b.cases}
+    assert not {x for c in a.cases for x in c.complaints} & {x for c in b.cases for x in c.complaints}
+    assert not {x for c in a.cases for x in c.plans} & {x for c in b.cases for x in c.plans}
+    assert not set(a.code_styles) & set(b.code_styles)
+
+
+@pytest.mark.parametrize(
+    ("train", "held_out"),
+    [
+        (bundled_path("train"), bundled_path("validation")),
+        (bundled_path("train"), bundled_path("test")),
+        (bundled_path("validation"), bundled_path("test")),
+        (general_path("train"), general_path("eval")),
+        (general_path("train"), general_path("validation")),
+        (general_path("validation"), general_path("eval")),
+    ],
+    ids=["train~validation", "train~test", "validation~test", "general-train~eval", "general-train~validation",
+         "general-validation~eval"],
+)
+def test_shipped_splits_pass_the_contamination_check(train: Path, held_out: Path) -> None:
+    # What `tunelab data contamination TRAIN EVAL` runs, with its defaults, on the shipped files themselves.
+    report, _ = contamination(train, held_out)
+    assert report.eval_rows > 0 and report.train_rows > 0
+    assert report.leaks == [], report.summary()
+    assert report.same_generator == []
 
 
 def test_format_instructions_and_prompt_messages() -> None:

@@ -35,3 +35,38 @@ def test_finished_demo_is_kept_and_interrupted_one_resumed(tmp_path: Path, monke
     (out / "checkpoints" / "step-000010" / "state.json").write_text("{}")
     demo._train(cfg, Console(quiet=True))
     assert calls[-1] == {"resume": True, "overwrite": False} and out.exists()
+
+
+def test_demo_config_mixes_general_data_and_takes_overrides(tmp_path: Path) -> None:
+    from tunelab.eval.general import general_path
+
+    cfg = demo.demo_config(tmp_path / "demo", steps=None)
+    assert cfg.data.mix is not None and 0 < cfg.data.mix.fraction < 1
+    assert Path(cfg.data.mix.path).resolve() == general_path("train")
+    cfg = demo.demo_config(tmp_path / "demo", steps=3, overrides=["data.mix=null", "lora.r=4"])
+    assert cfg.data.mix is None and cfg.lora.r == 4 and cfg.train.max_steps == 3
+
+
+def _results(n: int) -> dict[str, Any]:
+    def target(name: str, kind: str, acc: float) -> dict[str, Any]:
+        metrics = {"json_valid": acc, "schema": acc, "field_accuracy": acc}
+        return {"name": name, "kind": kind, "metrics": metrics, "general": {"n": 60, "accuracy": acc}}
+
+    examples = [
+        {"index": j, "prompt": [{"role": "user", "content": f"note {j}"}], "reference": f"ref {j}",
+         "outputs": {"base": f"prose {j}", "demo": f"json {j}"},
+         "scores": {"base": {"schema": 0.0}, "demo": {"schema": float(j % 2)}}}
+        for j in range(n)
+    ]
+    return {"n_examples": n, "targets": [target("base", "base", 0.0), target("demo", "run", 1.0)], "examples": examples}
+
+
+def test_table_shows_the_first_three_test_notes_whatever_their_scores() -> None:
+    console = Console(record=True, width=200)
+    demo.print_table(_results(5), console)
+    text = console.export_text()
+    for j in range(3):
+        assert f"test note {j + 1}: note {j}" in text and f"json {j}" in text and f"ref {j}" in text
+    assert ": note 3" not in text and ": note 4" not in text  # three, chosen by position, not by score
+    assert "fine-tuned (NOT schema-valid): json 0" in text and "fine-tuned (valid): json 1" in text
+    assert "general questions (60)" in text and "100.0%" in text

@@ -5,9 +5,12 @@ turn the single-line JSON `{"chief_complaint", "assessment", "plan", "icd10_code
 copied from the note (complaint without its duration; diagnosis names without codes, joined by "; "; the plan
 phrase; the codes in order of appearance), so the task is format and extraction behaviour, not medical knowledge.
 
-Train and validation come from vocabulary pool A, test from pool B (`vocab.py`): the test split shares no
-template, diagnosis, code, complaint or plan phrase with training. The shipped files under
-`tunelab/resources/clinical/` are exactly `generate(dir, seed=0)`; regenerate them with
+Train comes from vocabulary pool A, validation from pool C, test from pool B (`vocab.py`): neither held-out
+split shares a template, diagnosis, code, complaint or plan phrase with training (or with each other), so both
+pass `tunelab data contamination` against the training file and validation predicts test. Each split draws
+from its own random stream (seeded by the seed and the split's name), so editing one pool leaves the other
+splits as they were. The shipped files under `tunelab/resources/clinical/` are exactly `generate(dir, seed=SEED)`,
+and `generator.json` beside them records the seed and the command; regenerate them with
 `python -m tunelab.demo.clinical --out tunelab/resources/clinical --seed 0`.
 """
 
@@ -20,10 +23,12 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.data.readers import read_conversations, write_jsonl
-from tunelab.demo.vocab import PMH, POOL_A, POOL_B, Case, Pool
+from tunelab.demo.vocab import PMH, POOL_A, POOL_B, POOL_C, Case, Pool
 from tunelab.errors import TunelabError
 
 SPLITS = ("train", "validation", "test")
+SEED = 0  # the seed of the shipped files (also recorded in generator.json beside them)
+POOLS = {"train": POOL_A, "validation": POOL_C, "test": POOL_B}
 SIZES = {"train": 400, "validation": 40, "test": 60}
 FIELDS = ("chief_complaint", "assessment", "plan", "icd10_codes")
 BUNDLED_DIR = Path(__file__).resolve().parent.parent / "resources" / "clinical"
@@ -164,23 +169,33 @@ def _draw(rng: random.Random, pool: Pool, n: int, seen: set[str]) -> list[dict[s
     return rows
 
 
-def build_splits(seed: int = 0) -> dict[str, list[dict[str, Any]]]:
+def build_splits(seed: int = SEED) -> dict[str, list[dict[str, Any]]]:
     """The three splits as lists of `messages` records; the same seed always gives the same records."""
-    rng = random.Random(seed)
-    seen: set[str] = set()
-    train = _draw(rng, POOL_A, SIZES["train"], seen)
-    validation = _draw(rng, POOL_A, SIZES["validation"], seen)
-    test = _draw(rng, POOL_B, SIZES["test"], seen)
-    return {"train": train, "validation": validation, "test": test}
+    # A string seed is hashed with SHA-512 by `random`, so the streams do not depend on PYTHONHASHSEED.
+    return {split: _draw(random.Random(f"{seed}:{split}"), POOLS[split], SIZES[split], set()) for split in SPLITS}
 
 
-def generate(out_dir: str | Path, seed: int = 0) -> dict[str, Path]:
-    """Write train/validation/test JSONL into `out_dir` (each file atomically); returns the paths."""
+def generator_record(seed: int) -> dict[str, Any]:
+    """What `generator.json` records beside the files: enough to regenerate them exactly."""
+    return {
+        "generator": "tunelab.demo.clinical",
+        "seed": seed,
+        "command": f"python -m tunelab.demo.clinical --out tunelab/resources/clinical --seed {seed}",
+        "splits": {split: {"examples": SIZES[split], "pool": POOLS[split].name} for split in SPLITS},
+    }
+
+
+def generate(out_dir: str | Path, seed: int = SEED) -> dict[str, Path]:
+    """Write train/validation/test JSONL and generator.json into `out_dir` (each file atomically); returns the
+    split paths."""
     out = Path(out_dir)
     paths: dict[str, Path] = {}
     for split, rows in build_splits(seed).items():
         paths[split] = out / f"{split}.jsonl"
         write_jsonl(paths[split], rows)
+    tmp = out / "generator.json.tmp"
+    tmp.write_text(json.dumps(generator_record(seed), indent=1) + "\n", encoding="utf-8")
+    tmp.replace(out / "generator.json")
     return paths
 
 
@@ -212,7 +227,7 @@ def prompt_messages(note: str, *, instructions: bool) -> list[dict[str, str]]:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Generate the synthetic clinical-note -> JSON demo dataset.")
     parser.add_argument("--out", required=True, help="directory to write train/validation/test.jsonl into")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seed", type=int, default=SEED)
     args = parser.parse_args(argv)
     for split, path in generate(args.out, args.seed).items():
         print(f"{split:<10} {SIZES[split]:>4} examples -> {path}")

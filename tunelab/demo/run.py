@@ -14,6 +14,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -24,16 +25,20 @@ from tunelab.demo.clinical import FIELDS, FORMAT_INSTRUCTIONS, JSON_SCHEMA
 from tunelab.eval.run import write_json
 from tunelab.rundir import RunDir
 
+GENERAL_QUESTIONS = 60
+SAMPLES = 3
 METRICS = (("json_valid", "valid JSON"), ("schema", "schema conformance"), ("field_accuracy", "field accuracy"))
 
 
-def demo_config(out: Path, steps: int | None) -> RunConfig:
+def demo_config(out: Path, steps: int | None, overrides: Sequence[str] = ()) -> RunConfig:
+    """The shipped demo config (inside the package) with the run folder, step count and any `KEY=VALUE`
+    overrides applied."""
     from tunelab.resources import config_path
 
-    overrides = [f"output_dir={out}"]
+    sets = [f"output_dir={out}", *overrides]
     if steps is not None:
-        overrides.append(f"train.max_steps={steps}")
-    return load_config(config_path("demo"), overrides)
+        sets.append(f"train.max_steps={steps}")
+    return load_config(config_path("demo"), sets)
 
 
 def _train(cfg: RunConfig, console: Any) -> Path:
@@ -54,21 +59,25 @@ def _train(cfg: RunConfig, console: Any) -> Path:
     return res.run_dir
 
 
-def compare(run_dir: Path, limit: int | None, console: Any, general: int = 30, batch_size: int = 12,
-            max_new_tokens: int = 160) -> dict[str, Any]:
-    """Base (with instructions) vs fine-tuned (without) on the run's test split, through `tunelab eval`'s own
-    pipeline (one base model in memory, the adapter attached by name): the task metrics, reference loss, and
-    forgetting on `general` questions of the bundled general set. Returns the results `tunelab report` reads."""
+def compare(run_dir: Path, limit: int | None, console: Any, general: int = GENERAL_QUESTIONS, batch_size: int = 12,
+            max_new_tokens: int = 160, data: Path | None = None, general_data: Path | None = None,
+            baseline: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Base (with instructions) vs fine-tuned (without) on the run's test split (or `data`), through `tunelab
+    eval`'s own pipeline (one base model in memory, the adapter attached by name): the task metrics, reference
+    loss, and forgetting on `general` questions of the bundled general eval set (or `general_data`). `baseline`:
+    earlier results whose base entry is reused when it was scored identically. Returns the results `tunelab
+    report` reads."""
     from tunelab.eval.config import EvalConfig, GenerationSettings
     from tunelab.eval.run import evaluate, plan
 
-    p = plan(run_dir, system_prompt=FORMAT_INSTRUCTIONS)
+    p = plan(run_dir, data=data, system_prompt=FORMAT_INSTRUCTIONS)
     p.eval_config = EvalConfig(
         metrics=["json_valid", "schema", "field_accuracy", "exact_match", "rouge_l"], json_schema=JSON_SCHEMA,
         fields=list(FIELDS), max_examples=limit, general_max_examples=general,
+        general_data=str(general_data) if general_data else None,
         generation=GenerationSettings(max_new_tokens=max_new_tokens, batch_size=batch_size),
     )
-    return evaluate(p, log=lambda line: console.print(f"[dim]{escape(line)}[/dim]"))
+    return evaluate(p, log=lambda line: console.print(f"[dim]{escape(line)}[/dim]"), baseline=baseline)
 
 
 def print_table(res: dict[str, Any], console: Any) -> None:
@@ -87,11 +96,14 @@ def print_table(res: dict[str, Any], console: Any) -> None:
         t.add_row(f"general questions ({n})", f"{100 * base['general']['accuracy']:.1f}%",
                   f"{100 * tuned['general']['accuracy']:.1f}%")
     console.print(t)
-    ex = res["examples"][0]
-    note = ex["prompt"][-1]["content"]
-    for label, text in (("sample note", note), ("base", ex["outputs"][base["name"]][:300]),
-                        ("fine-tuned", ex["outputs"][tuned["name"]][:300])):
-        console.print(f"[dim]{label}:[/dim] {escape(text)}")
+    # The first few test notes, whatever their scores: samples chosen without looking at the outputs.
+    for ex in res["examples"][:SAMPLES]:
+        note = ex["prompt"][-1]["content"]
+        ok = "valid" if ex["scores"][tuned["name"]].get("schema") else "NOT schema-valid"
+        console.print(f"[dim]test note {ex['index'] + 1}:[/dim] {escape(note)}")
+        console.print(f"[dim]  reference:[/dim]  {escape(ex['reference'])}")
+        console.print(f"[dim]  fine-tuned ({ok}):[/dim] {escape(ex['outputs'][tuned['name']][:400])}")
+        console.print(f"[dim]  base:[/dim] {escape(ex['outputs'][base['name']][:200])}")
 
 
 def run_demo(out: Path, steps: int | None = None, limit: int | None = None, console: Any = None) -> dict[str, Any]:

@@ -1,9 +1,10 @@
-"""The vocabulary and note templates behind the synthetic clinical-note task, in two disjoint pools.
+"""The vocabulary and note templates behind the synthetic clinical-note task, in three disjoint pools.
 
-Pool A feeds the train and validation splits, pool B only the test split: different diagnoses and ICD-10 codes,
-different complaint and plan phrases, and different sentence templates. A model that scores well on the test
-split has therefore learned the extraction *behaviour* (copy the complaint, the diagnosis names, the plan and the
-codes into the schema), not strings it saw in training. Data only; `clinical.py` does the generating.
+Pool A feeds the train split, pool C only the validation split, pool B only the test split: different diagnoses
+and ICD-10 codes, different complaint and plan phrases, and different sentence templates. A model that scores well
+on validation or test has therefore learned the extraction *behaviour* (copy the complaint, the diagnosis names,
+the plan and the codes into the schema), not strings it saw in training, and validation -- where a recipe is
+chosen -- is held out from training exactly as test is. Data only; `clinical.py` does the generating.
 
 Placeholders: {demo} demographics, {cc} chief complaint, {dur} duration, {dx} rendered diagnoses (names with
 codes), {plan} plan phrase; in demographics {age}, {s} (M/F), {sex} (male/female), {person} (man/woman); in
@@ -131,14 +132,16 @@ POOL_A = Pool(
         Case("viral upper respiratory infection", "J06.9", ("runny nose and congestion", "stuffy nose and mild cough"),
              ("supportive care, fluids, rest", "saline spray, acetaminophen PRN")),
     ),
-    demographics=("{age}{s}", "{age} y/o {s}", "{age}yo {sex}", "{age}{s} pt"),
-    durations=("x{n}d", "x {n} days", "for {n} days", "x{w} wks"),
+    demographics=("{age}{s}", "{age} y/o {s}", "{age}yo {sex}", "{age}{s} pt", "{sex} {age}y"),
+    durations=("x{n}d", "x {n} days", "for {n} days", "x{w} wks", "x{n} dys", "for {w} wks"),
     openers=(
         "{demo} c/o {cc} {dur}.",
         "Pt c/o {cc} {dur}.",
         "{demo} presents with {cc} {dur}.",
         "CC: {cc} {dur}.",
         "{demo} w/ {cc} {dur}.",
+        "{demo} comes in c/o {cc} {dur}.",
+        "Subjective: {demo}, {cc} {dur}.",
     ),
     extras=(
         "Denies fever/chills.",
@@ -146,15 +149,21 @@ POOL_A = Pool(
         "PMH: {pmh}.",
         "NKDA.",
         "Exam otherwise WNL.",
+        "HR {hr}, BP {sbp}/{dbp}, T 98.6.",
+        "Meds: none.",
     ),
-    dx_sentences=("Dx: {dx}.", "A: {dx}.", "Assessment: {dx}.", "Likely {dx}.", "Suspect {dx}."),
-    code_styles=("{name} ({code})", "{name}, {code}", "{name}, code {code}"),
+    dx_sentences=("Dx: {dx}.", "A: {dx}.", "Assessment: {dx}.", "Likely {dx}.", "Suspect {dx}.", "A/P: {dx}.",
+                  "Dx is {dx}."),
+    # Codes come bare and behind assorted labels, so the model learns to copy the code alone.
+    code_styles=("{name} ({code})", "{name}, {code}", "{name}, code {code}", "{name} (ICD {code})",
+                 "{name} - {code}", "{name} [ICD10: {code}]"),
     dx_joiners=("; ", " and "),
-    plan_sentences=("Plan: {plan}.", "P: {plan}.", "Plan - {plan}.", "Orders: {plan}."),
+    plan_sentences=("Plan: {plan}.", "P: {plan}.", "Plan - {plan}.", "Orders: {plan}.", "Will do {plan}."),
     follow_ups=(", f/u {w} wks", ", RTC PRN", ", f/u {n}d"),
     one_liners=(
         "{demo} c/o {cc} {dur}; dx {dx}; plan {plan}.",
         "Pt w/ {cc} {dur}, dx {dx}, plan: {plan}.",
+        "{demo}: {cc} {dur} | {dx} | {plan}.",
     ),
 )
 
@@ -235,5 +244,75 @@ POOL_B = Pool(
     one_liners=(
         "{demo} seen for {cc} {dur} - {dx}, tx {plan}.",
         "Visit for {cc} {dur}: {dx}; recommend {plan}.",
+    ),
+)
+
+POOL_C = Pool(
+    name="C",
+    cases=(
+        Case("seborrheic dermatitis", "L21.9", ("flaky itchy scalp", "greasy scales on eyebrows"),
+             ("ketoconazole 2% shampoo twice weekly", "selenium sulfide shampoo, hydrocortisone 1% lotion PRN")),
+        Case("impetigo", "L01.00", ("honey-crusted sores near mouth", "crusted rash on chin"),
+             ("mupirocin 2% ointment t.i.d. x5d", "cephalexin 250 mg PO q.i.d. x7d, hand hygiene")),
+        Case("costochondritis", "M94.0", ("sharp chest wall pain", "pain at sternal border"),
+             ("naproxen 250 mg PO b.i.d. x10d, reassurance", "warm compresses, avoid strenuous lifting")),
+        Case("pityriasis rosea", "L42", ("scaly oval patches on trunk", "herald patch then spreading rash"),
+             ("reassurance, calamine lotion PRN", "cetirizine 10 mg PO qhs for itch")),
+        Case("functional dyspepsia", "K30", ("early satiety and bloating", "upper abdominal fullness"),
+             ("trial of lansoprazole 30 mg PO q.a.m.", "small frequent meals, simethicone PRN")),
+        Case("irritable bowel syndrome with diarrhea", "K58.0", ("loose stools with cramping", "urgent loose BMs after meals"),
+             ("low-FODMAP diet, loperamide 2 mg PRN", "dicyclomine 20 mg PO q.i.d. PRN, stool studies")),
+        Case("restless legs syndrome", "G25.81", ("urge to move legs at night", "creeping sensation in calves"),
+             ("ferritin level, pramipexole 0.125 mg PO qhs", "iron panel, stretching before bed")),
+        Case("Bell's palsy", "G51.0", ("sudden R facial droop", "cannot close L eye"),
+             ("prednisolone 60 mg PO q.d. x5d, eye patch at night", "valacyclovir plus steroid taper, lubricating drops")),
+        Case("trigger finger, right middle finger", "M65.331", ("R middle finger locking", "painful catching of finger"),
+             ("finger splint, steroid injection", "hand therapy, splint at night")),
+        Case("de Quervain tenosynovitis", "M65.4", ("radial wrist pain with thumb use", "pain at base of thumb"),
+             ("thumb spica splint, NSAID PRN", "corticosteroid injection, thumb rest")),
+        Case("hypertriglyceridemia", "E78.1", ("triglycerides of 480", "milky serum on labs"),
+             ("fenofibrate 145 mg PO q.d., limit sugar", "icosapent ethyl 2 g PO b.i.d., repeat panel"), chronic=True),
+        Case("vitamin B12 deficiency anemia", "D51.9", ("numb feet and tiredness", "sore tongue and pallor"),
+             ("cyanocobalamin 1000 mcg IM monthly", "oral B12 1000 mcg q.d., recheck CBC")),
+        Case("acute laryngitis", "J04.0", ("hoarse voice", "loss of voice"),
+             ("voice rest, humidifier", "warm fluids, avoid whispering")),
+        Case("angina pectoris", "I20.9", ("exertional chest tightness", "chest pressure climbing stairs"),
+             ("nitroglycerin 0.4 mg SL PRN, stress test", "aspirin 81 mg PO q.d., cardiology referral"), chronic=True),
+        Case("age-related osteoporosis", "M81.0", ("loss of height", "low bone density on DEXA"),
+             ("alendronate 70 mg PO weekly, calcium with vitamin D", "weight-bearing exercise, zoledronic acid IV yearly"),
+             chronic=True),
+        Case("hyperthyroidism", "E05.90", ("heat intolerance and tremor", "unintended weight loss and palpitations"),
+             ("methimazole 10 mg PO q.d., TSH in 4 wks", "propranolol 10 mg PO t.i.d., thyroid uptake scan"), chronic=True),
+        Case("erectile dysfunction", "N52.9", ("difficulty maintaining erections", "ED for months"),
+             ("sildenafil 50 mg PO PRN", "tadalafil 5 mg PO q.d., testosterone level"), chronic=True, sex="M"),
+        Case("primary dysmenorrhea", "N94.6", ("painful periods", "cramping with menses"),
+             ("naproxen 500 mg PO b.i.d. with menses", "combined oral contraceptive, heating pad")),
+        Case("ingrown toenail", "L60.0", ("painful R big toe nail edge", "red swollen toe margin"),
+             ("warm soaks, partial nail avulsion", "podiatry referral, proper nail trimming")),
+    ),
+    demographics=("{age}/{s}", "{sex}, {age}", "{age} y.o. {sex}", "{person}, {age}"),
+    durations=("lasting {n} days", "of {w} weeks' duration", "starting {n} days ago", "ongoing {w} wks"),
+    openers=(
+        "{demo} here for {cc} {dur}.",
+        "Chief complaint: {cc}, {dur}.",
+        "{demo} states {cc} {dur}.",
+        "{demo} describes {cc} {dur}.",
+        "Visit reason - {cc} {dur}.",
+    ),
+    extras=(
+        "Afebrile, vitals stable.",
+        "BP {sbp}/{dbp}, pulse {hr}.",
+        "Background: {pmh}.",
+        "No known drug allergies.",
+        "Rest of exam benign.",
+    ),
+    dx_sentences=("Clinical dx: {dx}.", "Probable {dx}.", "Assessed as {dx}.", "Findings suggest {dx}."),
+    code_styles=("{name} - ICD-10-CM {code}", "{name} (dx code {code})"),
+    dx_joiners=(" / ", " + "),
+    plan_sentences=("Management: {plan}.", "Rx: {plan}.", "To do: {plan}."),
+    follow_ups=(", follow up in {w} weeks", ", revisit in {n} days"),
+    one_liners=(
+        "{demo} with {cc} {dur} => {dx}; management {plan}.",
+        "Note - {cc} ({dur}), {demo}: {dx}. Rx {plan}.",
     ),
 )

@@ -55,6 +55,24 @@ WORDS = [
     "ladder", "marble", "needle", "pillow", "rocket", "saddle", "tiger", "umbrella", "valley", "wagon", "zebra",
 ]
 
+# The validation questions (for choosing a recipe, e.g. `bench/demo_sweep.py`) draw on their own countries,
+# opposites and words, so choosing on them neither sees the forgetting test nor the mixed-in training data.
+VALIDATION_CAPITALS: list[tuple[str, str]] = [
+    ("Latvia", "Riga"), ("Lithuania", "Vilnius"), ("Estonia", "Tallinn"), ("Slovakia", "Bratislava"),
+    ("Slovenia", "Ljubljana"), ("Uruguay", "Montevideo"), ("Paraguay", "Asuncion"), ("Ecuador", "Quito"),
+    ("Tunisia", "Tunis"), ("Senegal", "Dakar"), ("Uganda", "Kampala"), ("Zimbabwe", "Harare"),
+    ("Jamaica", "Kingston"), ("Cambodia", "Phnom Penh"), ("Mongolia", "Ulaanbaatar"), ("Qatar", "Doha"),
+    ("Jordan", "Amman"), ("Lebanon", "Beirut"),
+]
+VALIDATION_OPPOSITES: list[tuple[str, str]] = [
+    ("above", "below"), ("sweet", "sour"), ("smooth", "rough"), ("wide", "narrow"), ("cheap", "expensive"),
+    ("deep", "shallow"), ("arrive", "depart"), ("question", "answer"), ("start", "finish"), ("sharp", "dull"),
+]
+VALIDATION_WORDS = [
+    "basket", "cherry", "desert", "falcon", "glacier", "hammer", "lantern", "meadow", "nickel", "otter",
+    "parrot", "quilt", "ribbon", "spider", "tunnel", "walnut", "anchor", "blanket",
+]
+
 Row = dict[str, Any]
 
 
@@ -143,21 +161,42 @@ def build(n_train: int = 300, n_eval: int = 60, seed: int = SEED) -> tuple[list[
     return tr, ev
 
 
-def write(out_dir: Path = GENERAL_DIR) -> tuple[Path, Path]:
+def build_validation(n: int = 60, seed: int = SEED + 1) -> list[Row]:
+    """Validation questions: the same six tasks over their own countries, opposites and words, and no prompt of
+    the train or eval set (arithmetic shares the operand ranges)."""
+    tr, ev = build()
+    avoid = {r["messages"][0]["content"] for r in tr + ev}
+    pools: list[tuple[Callable[[random.Random, Any], Row], Any]] = [
+        (_arith, None), (_capital, VALIDATION_CAPITALS), (_opposite, VALIDATION_OPPOSITES),
+        (_upper, VALIDATION_WORDS), (_sort, VALIDATION_WORDS), (_count, VALIDATION_WORDS),
+    ]
+    rng = random.Random(seed)
+    rows: list[Row] = []
+    while len(rows) < n:
+        fn, pool = pools[len(rows) % len(pools)]
+        row = fn(rng, pool)
+        if row["messages"][0]["content"] not in avoid:
+            avoid.add(row["messages"][0]["content"])
+            rows.append(row)
+    return rows
+
+
+def write(out_dir: Path = GENERAL_DIR) -> tuple[Path, Path, Path]:
     tr, ev = build()
     out_dir.mkdir(parents=True, exist_ok=True)
     paths = []
-    for name, rows in (("train.jsonl", tr), ("eval.jsonl", ev)):
+    for name, rows in (("train.jsonl", tr), ("eval.jsonl", ev), ("validation.jsonl", build_validation())):
         p = out_dir / name
         p.write_text("".join(json.dumps({"messages": r["messages"]}) + "\n" for r in rows), encoding="utf-8")
         paths.append(p)
-    return paths[0], paths[1]
+    return paths[0], paths[1], paths[2]
 
 
 def general_path(split: str = "train") -> Path:
-    """Path of the bundled general set: 'train' to mix into training (data.mix.path), 'eval' for forgetting."""
-    if split not in ("train", "eval"):
-        raise ValueError("split must be 'train' or 'eval'")
+    """Path of the bundled general set: 'train' to mix into training (data.mix.path), 'eval' for forgetting,
+    'validation' for choosing a recipe without looking at the forgetting test."""
+    if split not in ("train", "eval", "validation"):
+        raise ValueError("split must be 'train', 'eval' or 'validation'")
     return GENERAL_DIR / f"{split}.jsonl"
 
 
