@@ -42,7 +42,7 @@ class ServeProcess:
 
     def __init__(self, args: list[str], timeout: float = 600) -> None:
         env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-        cmd = [sys.executable, "-c", "from tunelab.cli import main; main()", "serve", "--port", "0", *args]
+        cmd = [sys.executable, "-c", "from tunelab.cli import main; main()", "serve", "--port", "0", "--no-jobs", *args]
         self.proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         self.lines: list[str] = []
         ready = threading.Event()

@@ -26,7 +26,7 @@ class Server:
 
 def start_serve(args: list[str], timeout: float = 120) -> Server:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-c", "from tunelab.cli import main; main()", "serve", "--port", "0", *args]
+    cmd = [sys.executable, "-c", "from tunelab.cli import main; main()", "serve", "--port", "0", "--no-jobs", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     found = threading.Event()
