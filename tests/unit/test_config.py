@@ -107,6 +107,7 @@ def test_one_error_formatter_for_every_section(tmp_path: Path) -> None:
 
 def test_qlora_states_paged_adamw_in_the_resolved_config(tmp_path: Path) -> None:
     p = tmp_path / "c.yaml"
+    (tmp_path / "x.jsonl").write_text("")  # a config's data files must exist (relative to its folder)
     p.write_text("finetune: qlora\ndata: {train: x.jsonl}\n")
     assert load_config(p).train.optimizer == "paged_adamw"
     assert load_config(p, ["train.optimizer=adamw"]).train.optimizer == "adamw"  # an explicit choice stands

@@ -96,7 +96,7 @@ def test_the_pipeline_may_produce_the_training_file(tmp_path: Path) -> None:
     assert cfg.data.pipeline is not None
     assert cfg.data.train == cfg.data.pipeline.output == str(tmp_path / "clean.jsonl")
     assert cfg.data.pipeline.input == str(tmp_path / "raw.jsonl")
-    assert cfg.data.pipeline.steps[0]["contamination"].eval == str(tmp_path / "test.jsonl")
+    assert cfg.data.pipeline.steps[0].contamination.eval == str(tmp_path / "test.jsonl")
 
 
 def test_model_name_is_a_path_only_when_it_is_one(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
