@@ -192,10 +192,12 @@ def _pick_and_advance(
 
 
 def _joinable(cache: Any) -> bool:
-    # Joining pads caches along the sequence axis; only plain growing caches (no sliding window,
-    # no quantised or static layers) can be padded that way.
+    # Joining pads caches along the sequence axis; only plain growing caches (exactly DynamicLayer: not its sliding-window,
+    # quantised or static kin) can be padded that way.
     layers: list[Any] = list(getattr(cache, "layers", None) or [])
-    return bool(layers) and all(type(layer).__name__ == "DynamicLayer" for layer in layers)
+    from transformers.cache_utils import DynamicLayer
+
+    return bool(layers) and all(type(layer) is DynamicLayer for layer in layers)
 
 
 def _join(state: _Running, new: _Running) -> None:

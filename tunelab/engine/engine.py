@@ -519,12 +519,14 @@ class Engine:
 
 def _layer_shapes(model: Any) -> dict[str, tuple[int, int]]:
     """Base module name -> (in, out) size, for every layer a LoRA adapter could patch."""
+    from transformers.pytorch_utils import Conv1D
+
     shapes: dict[str, tuple[int, int]] = {}
     for name, module in model.named_modules():
         if isinstance(module, torch.nn.Embedding):
             shapes[name] = (module.num_embeddings, module.embedding_dim)
         elif hasattr(module, "in_features") and hasattr(module, "out_features"):
             shapes[name] = (int(module.in_features), int(module.out_features))
-        elif type(module).__name__ == "Conv1D":  # GPT-2 style: weight is (in, out)
+        elif isinstance(module, Conv1D):  # GPT-2 style: weight is (in, out)
             shapes[name] = (int(module.weight.shape[0]), int(module.weight.shape[1]))
     return shapes

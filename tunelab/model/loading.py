@@ -12,6 +12,7 @@ import importlib.util
 import logging
 import os
 import shutil
+import sys
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -171,10 +172,13 @@ def load_tokenizer(resolved: ResolvedModel, trust_remote_code: bool = False) -> 
 
 def count_parameters(model: torch.nn.Module) -> tuple[int, int]:
     """(trainable, total), counting 4-bit packed weights by their logical size like PEFT does."""
+    # bitsandbytes is optional (QLoRA only) and slow to import: if nothing imported it, no parameter is 4-bit.
+    bnb = sys.modules.get("bitsandbytes")
+    packed: tuple[type, ...] = (bnb.nn.Params4bit,) if bnb is not None else ()
     trainable = total = 0
     for p in model.parameters():
         n = p.numel()
-        if n and p.__class__.__name__ == "Params4bit":
+        if n and isinstance(p, packed):  # two 4-bit values per stored byte
             n *= 2
         total += n
         if p.requires_grad:
