@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-dev.txt 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-fast lint typecheck bench clean
+.PHONY: install demo test test-fast test-slow test-all lint typecheck bench clean
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -26,10 +26,21 @@ lint: $(STAMP)
 	$(BIN)/ruff check tunelab tests bench
 	$(BIN)/mypy tunelab
 
+# Three tiers, like transformers' RUN_SLOW: `make test` (what CI runs, ~15 min on 2 cores) is every test on tiny
+# in-process models; `make test-slow` the end-to-end runs on the real SmolLM2 (training it, serving it, the
+# plan's fine-tuning probes: ~30 min more), run before every release; `make test-all` both.
 test: $(STAMP)
 	$(BIN)/ruff check tunelab tests bench
 	$(BIN)/mypy tunelab
-	$(BIN)/python -m pytest -q -x --durations=15
+	$(BIN)/python -m pytest -q -x -m "not slow and not gpu" --durations=15
+
+test-slow: $(STAMP)
+	$(BIN)/python -m pytest -q -x -m "slow and not gpu" --durations=15
+
+test-all: $(STAMP)
+	$(BIN)/ruff check tunelab tests bench
+	$(BIN)/mypy tunelab
+	$(BIN)/python -m pytest -q -x -m "not gpu" --durations=25
 
 # The development tier: tests/unit only (tiny in-process models), without the `slow`/`gpu` marks and the few
 # unit tests that spawn processes or train every fine-tuning mode (make test runs them all).
