@@ -60,7 +60,7 @@ def test_reward_early_stopping_and_overfitting_warning(monkeypatch: pytest.Monke
     ctx = fake_ctx(higher=True, early_stopping=True)
     assert run_evals(ctx, [0.5, 0.4, 0.3], [0.1, 0.2, 0.3]) == [False, False, True]
     assert ctx.state.stopped_early and ctx.state.best_step == 1 and len(saved) == 1  # best weights kept once
-    warning = ctx.tracker.rows[-1]["warning"]
+    warning = ctx.tracker.rows[-1].warning
     assert "validation reward has fallen for 2 evaluations while training reward rises" in warning
     assert "highest validation reward 0.5000 was at step 1" in warning
     calm = fake_ctx(higher=True, early_stopping=True)

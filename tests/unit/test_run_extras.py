@@ -68,3 +68,19 @@ def test_manifest_records_hashes_and_versions(tmp_path: Path, tiny_dir: Path) ->
     man = json.loads((res.run_dir / "manifest.json").read_text())
     assert len(man["data"]["train"]["sha256"]) == 64 and man["seed"] == 42
     assert {"torch", "transformers", "peft", "tunelab"} <= set(man["versions"])
+
+
+def test_a_run_tokenizes_its_data_once(tmp_path: Path, tiny_dir: Path, tok: Any, monkeypatch: Any) -> None:
+    """Validation encodes every record with the run's own rule; training reuses those encodings instead of
+    tokenizing the file a second time (issue 11, item 6)."""
+    from tunelab.train import sft as sft_mod
+    from tunelab.train.sft import SFT
+
+    cfg = cfg_for(tmp_path, tiny_dir)
+    method = SFT(cfg, tok)
+    recs, _ = load_data(cfg, "conversation", tok, None, method.pre_encoded)
+    assert len(method.pre_encoded) == len(recs) == 12
+    calls: list[Any] = []
+    monkeypatch.setattr(sft_mod, "encode", lambda *a, **k: calls.append(a))
+    items = [method.encode(r) for r in recs]
+    assert not calls and items == [method.pre_encoded[id(r)] for r in recs]

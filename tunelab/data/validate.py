@@ -12,7 +12,7 @@ from typing import Any
 
 from tunelab.data.readers import ParseResult, parse_file
 from tunelab.data.records import Conversation, Preference, Record
-from tunelab.data.templates import encode
+from tunelab.data.templates import Encoded, encode
 from tunelab.errors import Issue
 
 MIN_EXAMPLES = 10  # OpenAI's minimum; fewer rarely changes behaviour and usually means a wrong file
@@ -30,6 +30,8 @@ class Report:
     trained_tokens: int = 0
     records: list[Record] = field(default_factory=list)
     """The parsed records (valid lines): a run reads its data file once, here."""
+    encoded: dict[int, Encoded] = field(default_factory=dict)
+    """id(record) -> its encoding under the run's rule, for conversation records: a run tokenizes them once, here."""
 
     @property
     def errors(self) -> list[Issue]:
@@ -90,10 +92,12 @@ def dataset_checks(res: ParseResult, min_examples: int = MIN_EXAMPLES) -> tuple[
 def token_checks(
     res: ParseResult, tokenizer: Any, max_seq_len: int | None, train_on: str = "assistant",
     system_prompt: str | None = None,
-) -> tuple[list[Issue], list[int], int, int]:
+) -> tuple[list[Issue], list[int], int, int, dict[int, Encoded]]:
     """Per-record token checks with the run's own label rule (`train_on`) and `system_prompt`; trained tokens
-    are those left after truncation to max_seq_len, i.e. what training puts loss on."""
+    are those left after truncation to max_seq_len, i.e. what training puts loss on. Also returns the
+    conversation records' encodings by id(record), which training reuses."""
     issues: list[Issue] = []
+    encoded: dict[int, Encoded] = {}
     lengths: list[int] = []
     truncated = trained = 0
     for r in res.records:
@@ -102,6 +106,8 @@ def token_checks(
         for c in convs:
             assert isinstance(c, Conversation)
             enc = encode(tokenizer, c, train_on=train_on, max_len=max_seq_len, system_prompt=system_prompt)
+            if c is r:
+                encoded[id(r)] = enc
             longest = max(longest, enc.full_length)
             trained += enc.num_trained
             if enc.num_trained == 0 and c.label is None:
@@ -114,7 +120,7 @@ def token_checks(
                 Issue(res.path, r.source.line if r.source else None, None,
                       f"{longest} tokens > max_seq_len {max_seq_len}: would be truncated", "warning")
             )
-    return issues, lengths, truncated, trained
+    return issues, lengths, truncated, trained, encoded
 
 
 def validate_file(
@@ -133,8 +139,8 @@ def validate_file(
     issues.extend(extra)
     rep = Report(str(path), res.format, len(res.records), issues, duplicates=dups, records=list(res.records))
     if tokenizer is not None and res.records:
-        tissues, lengths, rep.truncated, rep.trained_tokens = token_checks(res, tokenizer, max_seq_len, train_on,
-                                                                           system_prompt)
+        tissues, lengths, rep.truncated, rep.trained_tokens, rep.encoded = token_checks(
+            res, tokenizer, max_seq_len, train_on, system_prompt)
         rep.issues.extend(tissues)
         rep.token_stats = {"min": min(lengths), "mean": statistics.fmean(lengths), "max": max(lengths)}
     rep.issues.sort(key=lambda i: (i.line or 0, i.severity != "error"))

@@ -42,6 +42,7 @@ import torch
 
 from tunelab.config import RunConfig
 from tunelab.errors import TunelabError
+from tunelab.rundir import RunDir, TrainEvent, ValidEvent, WarningEvent
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import fsdp
 
@@ -58,6 +59,9 @@ class TrainingMethod(ABC):
     def __init__(self, cfg: RunConfig, tokenizer: Any) -> None:
         self.cfg = cfg
         self.tokenizer = tokenizer
+        self.pre_encoded: dict[int, Any] = {}
+        """id(record) -> its encoding from data validation (same tokenizer and rule), while the run encodes its
+        records: the data is tokenized once per run. Methods that encode differently ignore it."""
 
     @abstractmethod
     def encode(self, record: Any) -> Any | None: ...
@@ -376,7 +380,7 @@ def after_eval(ctx: LoopContext, metrics: dict[str, float]) -> bool:
         if cfg.train.early_stopping:
             weights = ctx.gathered_weights()
             if ctx.is_main:
-                ckpt.save_weights(ctx.unwrap(), ctx.run_dir / "best" / ctx.weights_name, state_dict=weights)
+                ckpt.save_weights(ctx.unwrap(), RunDir(ctx.run_dir).best_dir(ctx.weights_name), state_dict=weights)
         return False
     st.bad_evals += 1
     train_improving = (
@@ -391,7 +395,7 @@ def after_eval(ctx: LoopContext, metrics: dict[str, float]) -> bool:
         )
         if ctx.console is not None and ctx.is_main:
             ctx.console.print(f"[yellow]warning: {msg}[/yellow]")
-        ctx.tracker.log({"step": st.step, "warning": msg})
+        ctx.tracker.log(WarningEvent(st.step, msg))
         if cfg.train.early_stopping:
             st.stopped_early = True
             return True
@@ -409,7 +413,7 @@ def run_loop(ctx: LoopContext, progress: Any = None) -> LoopState:
 
     if st.step == 0 and has_valid and ctx.cfg.eval.baseline:
         m = method.validate(ctx)
-        ctx.tracker.log({"step": 0, "baseline": True, **{f"valid_{k}": v for k, v in m.items()}})
+        ctx.tracker.log(ValidEvent(0, m, baseline=True))
         after_eval(ctx, m)
 
     task = progress.add_task("train", total=ctx.total_steps, completed=st.step) if progress else None
@@ -430,19 +434,16 @@ def run_loop(ctx: LoopContext, progress: Any = None) -> LoopState:
         tps = (st.tokens_seen - tokens0) * ctx.accelerator.num_processes / max(elapsed, 1e-9)
         lr = ctx.scheduler.get_last_lr()[0]
         if st.step % cfg.train.log_every == 0 or st.step == ctx.total_steps:
-            row: dict[str, Any] = {"step": st.step, "epoch": round(st.epoch + st.step_in_epoch / ctx.steps_per_epoch, 4),
-                                   "lr": lr, "tokens_per_s": round(tps, 1), "tokens_seen": st.tokens_seen,
-                                   "elapsed_s": round(elapsed, 3)}
-            row.update({f"train_{k}": v for k, v in rep.items()})
-            if "grad_norm" in sums:
-                row["grad_norm"] = sums["grad_norm"]
-            ctx.tracker.log(row)
+            ctx.tracker.log(TrainEvent(
+                st.step, rep, epoch=round(st.epoch + st.step_in_epoch / ctx.steps_per_epoch, 4), lr=lr,
+                tokens_per_s=round(tps, 1), tokens_seen=st.tokens_seen, elapsed_s=round(elapsed, 3),
+                grad_norm=sums.get("grad_norm")))
         if progress is not None:
             progress.update(task, completed=st.step, loss=window_loss, lr=lr, tps=tps)
         stop = False
         if has_valid and (st.step % eval_every == 0 or st.step == ctx.total_steps):
             m = method.validate(ctx)
-            ctx.tracker.log({"step": st.step, **{f"valid_{k}": v for k, v in m.items()}})
+            ctx.tracker.log(ValidEvent(st.step, m))
             stop = after_eval(ctx, m)
         if save_every and st.step % save_every == 0 and st.step < ctx.total_steps:
             save_checkpoint(ctx)

@@ -28,6 +28,7 @@ import torch
 from tunelab.config import RunConfig, dump_config
 from tunelab.data.readers import read_records
 from tunelab.data.records import Record
+from tunelab.data.templates import Encoded
 from tunelab.data.validate import validate_file
 from tunelab.errors import DataError, TunelabError
 from tunelab.model.adapters import apply_finetune
@@ -86,9 +87,11 @@ def sha256_file(p: str | Path) -> str:
     return h.hexdigest()
 
 
-def _load_split(path: str, expect: str, cfg: RunConfig, tok: Any, console: Any, min_examples: int) -> list[Record]:
+def _load_split(path: str, expect: str, cfg: RunConfig, tok: Any, console: Any, min_examples: int,
+                encoded: dict[int, Encoded] | None) -> list[Record]:
     """The same validation as `tunelab data validate`, with the run's own train_on and system_prompt; errors
-    refuse the run, warnings are summarised. The file is parsed once: the records come from the validation."""
+    refuse the run, warnings are summarised. The file is parsed and tokenized once: the records come from the
+    validation, and so do their encodings (added to `encoded`, by id(record), for the method to reuse)."""
     d = cfg.data
     rep = validate_file(path, tok, d.max_seq_len, expect=expect, min_examples=min_examples, train_on=d.train_on,
                         system_prompt=d.system_prompt)
@@ -96,13 +99,16 @@ def _load_split(path: str, expect: str, cfg: RunConfig, tok: Any, console: Any, 
         raise DataError(rep.issues, header=f"{path}: invalid data (run `tunelab data validate {path}`)")
     if rep.warnings and console is not None:
         console.print(f"[yellow]{path}: {len(rep.warnings)} warning(s)[/yellow] (e.g. {rep.warnings[0]})")
+    if encoded is not None:
+        encoded.update(rep.encoded)
     return rep.records
 
 
-def load_data(cfg: RunConfig, expect: str, tok: Any, console: Any) -> tuple[list[Record], list[Record]]:
+def load_data(cfg: RunConfig, expect: str, tok: Any, console: Any,
+              encoded: dict[int, Encoded] | None = None) -> tuple[list[Record], list[Record]]:
     d = cfg.data
-    train = _load_split(d.train, expect, cfg, tok, console, d.min_examples)
-    valid = _load_split(d.validation, expect, cfg, tok, console, 1) if d.validation else []
+    train = _load_split(d.train, expect, cfg, tok, console, d.min_examples, encoded)
+    valid = _load_split(d.validation, expect, cfg, tok, console, 1, encoded) if d.validation else []
     if not valid and d.validation_fraction > 0:
         from tunelab.data.convert import split_records
 
@@ -229,11 +235,13 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
                             double_quant=cfg.model.double_quant, trust_remote_code=cfg.model.trust_remote_code,
                             gguf_file=cfg.model.gguf_file, device=None if cfg.finetune == "qlora" else str(accelerator.device))
     method = klass(cfg, tok)
-    train_recs, valid_recs = load_data(cfg, method.expect, tok, con)
+    method.pre_encoded = {}
+    train_recs, valid_recs = load_data(cfg, method.expect, tok, con, method.pre_encoded)
     if cfg.data.check_contamination and con is not None:
         warn_contamination(cfg, method.expect, train_recs, valid_recs, con)
     train_items = _encode_all(method, train_recs, "train", con)
     valid_items = _encode_all(method, valid_recs, "validation", con)
+    method.pre_encoded = {}  # the ids are only meaningful while those records live
     if cfg.train.eval_max_examples:
         valid_items = valid_items[: cfg.train.eval_max_examples]
     if not train_items:

@@ -36,7 +36,8 @@ class SFT(Method):
     def encode(self, record: Any) -> Encoded | None:
         assert isinstance(record, Conversation)
         d = self.cfg.data
-        enc = encode(self.tokenizer, record, train_on=d.train_on, max_len=d.max_seq_len, system_prompt=d.system_prompt)
+        enc = self.pre_encoded.get(id(record)) or encode(self.tokenizer, record, train_on=d.train_on,
+                                                          max_len=d.max_seq_len, system_prompt=d.system_prompt)
         return enc if enc.num_trained > 0 else None
 
     def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
