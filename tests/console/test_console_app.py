@@ -1,0 +1,116 @@
+"""The console's sign-in, CSRF and owner rules in process (FastAPI TestClient on a fake engine, no browser):
+cookie flags, a state change refused without the session's CSRF token, one owner's job invisible to another,
+the open console without keys, and a page that works without the built chart assets."""
+
+from __future__ import annotations
+
+import json
+import re
+from pathlib import Path
+
+import pytest
+from fastapi.testclient import TestClient
+
+from tunelab.engine.fake import FakeEngine
+from tunelab.jobs.app import build_jobs_app
+from tunelab.jobs.service import JobsSettings
+from tunelab.server.settings import ServerSettings
+
+KEYS = {"sk-alice": "alice", "sk-bob": "bob"}
+
+
+def _rows(n: int) -> bytes:
+    return "".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
+                                            {"role": "assistant", "content": f"a{i}"}]}) + "\n"
+                   for i in range(n)).encode()
+
+
+def _app(tmp_path: Path, keys: dict[str, str]) -> TestClient:
+    engine = FakeEngine(base="fake-base", adapters=())
+    app = build_jobs_app(engine, ServerSettings(api_keys=keys),
+                         JobsSettings(data_dir=tmp_path, base_model="fake-base", served_names=("fake-base",)))
+    return TestClient(app, base_url="http://127.0.0.1")  # no lifespan: no workers start, jobs stay queued
+
+
+def _csrf(client: TestClient, path: str = "/console/jobs") -> str:
+    m = re.search(r'name="csrf-token" content="([^"]+)"', client.get(path).text)
+    assert m, "no CSRF token on the page"
+    return m.group(1)
+
+
+def _sign_in(client: TestClient, key: str) -> str:
+    token = _csrf(client, "/console/login")
+    r = client.post("/console/login", data={"key": key, "csrf": token, "next": "/console/jobs"},
+                    follow_redirects=False)
+    assert r.status_code == 303, r.text
+    return _csrf(client)
+
+
+def test_sign_in_cookie_and_csrf(tmp_path: Path) -> None:
+    with _app(tmp_path, KEYS) as c:
+        assert c.get("/", follow_redirects=False).headers["location"] == "/console/"
+        r = c.get("/console/jobs", follow_redirects=False)
+        assert r.status_code == 303 and r.headers["location"].startswith("/console/login")
+        login = c.get("/console/login")
+        cookie = login.headers["set-cookie"]
+        assert "HttpOnly" in cookie and "SameSite=strict" in cookie.replace("Strict", "strict")
+        token = _csrf(c, "/console/login")
+        bad = c.post("/console/login", data={"key": "sk-nope", "csrf": token})
+        assert bad.status_code == 401 and "unknown API key" in bad.text
+        no_csrf = c.post("/console/login", data={"key": "sk-alice", "csrf": "x"})
+        assert no_csrf.status_code == 403
+        before = c.cookies.get("tunelab_console")
+        csrf = _sign_in(c, "sk-alice")
+        assert c.cookies.get("tunelab_console") != before  # a new session id once signed in
+        assert "signed in as" in c.get("/console/jobs").text
+        files = {"file": ("train.jsonl", _rows(12), "application/jsonl")}
+        assert c.post("/console/api/files", files=files).status_code == 403  # no CSRF header
+        up = c.post("/console/api/files", files=files, headers={"X-CSRF-Token": csrf})
+        assert up.status_code == 200, up.text
+        # The API's own answer for a key-less request is untouched by the console's cookie.
+        assert c.get("/v1/files").status_code == 401
+
+
+def test_owners_see_only_their_own(tmp_path: Path) -> None:
+    with _app(tmp_path, KEYS) as alice, TestClient(alice.app, base_url="http://127.0.0.1") as bob:
+        csrf = _sign_in(alice, "sk-alice")
+        f = alice.post("/console/api/files", files={"file": ("t.jsonl", _rows(12), "application/jsonl")},
+                       headers={"X-CSRF-Token": csrf}).json()
+        job = alice.post("/console/api/jobs", json={"model": "fake-base", "training_file": f["id"]},
+                         headers={"X-CSRF-Token": csrf}).json()
+        assert job["id"].startswith("ftjob-")
+        assert job["id"] in alice.get("/console/jobs").text
+        bcsrf = _sign_in(bob, "sk-bob")
+        assert job["id"] not in bob.get("/console/jobs").text
+        assert bob.get(f"/console/jobs/{job['id']}").status_code == 404
+        assert bob.get(f"/console/data/{f['id']}").status_code == 404
+        r = bob.post(f"/console/api/jobs/{job['id']}/cancel", headers={"X-CSRF-Token": bcsrf})
+        assert r.status_code == 404
+        # Bob's session token is not Alice's: her CSRF token does not work in his session.
+        assert bob.post(f"/console/api/jobs/{job['id']}/cancel", headers={"X-CSRF-Token": csrf}).status_code == 403
+        # A bad hyperparameter is refused with its field, as the API refuses it.
+        bad = alice.post("/console/api/jobs", json={"model": "fake-base", "training_file": f["id"],
+                                                    "hyperparameters": {"n_epochs": 0}},
+                         headers={"X-CSRF-Token": csrf})
+        assert bad.status_code == 400 and "n_epochs" in bad.text
+
+
+def test_open_without_keys_and_no_assets(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from tunelab.console import app as console_app
+
+    monkeypatch.setattr(console_app, "CHART_JS", tmp_path / "missing.js")
+    with _app(tmp_path, {}) as c:
+        page = c.get("/console/jobs")
+        assert page.status_code == 200 and "local (no API keys)" in page.text
+        csrf = _csrf(c)
+        bad = c.post("/console/api/files", files={"file": ("bad.jsonl", b'{"messages": [}\n', "text/plain")},
+                     headers={"X-CSRF-Token": csrf})
+        assert bad.status_code == 400 and "line 1" in bad.json()["error"]["message"]
+        good = c.post("/console/api/files", files={"file": ("t.jsonl", _rows(12), "text/plain")},
+                      headers={"X-CSRF-Token": csrf}).json()
+        job = c.post("/console/api/jobs", json={"model": "fake-base", "training_file": good["id"]},
+                     headers={"X-CSRF-Token": csrf}).json()
+        page = c.get(f"/console/jobs/{job['id']}").text
+        assert "make console-assets" in page and "uPlot.iife.min.js" not in page
+        for path in ("/console/data", "/console/models", "/console/playground", "/console/plan"):
+            assert c.get(path).status_code == 200, path
