@@ -75,18 +75,6 @@ def job_page(job_id: str, request: Request) -> Response:
                 terminal=job["status"] in TERMINAL)
 
 
-@router.post("/api/jobs/{job_id}/{action}")
-def job_action(job_id: str, action: str, request: Request, who: Principal = Who) -> dict[str, Any]:
-    svc = service(request)
-    if action == "cancel":
-        return svc.cancel(who.owner, job_id)
-    if action == "pause":
-        return svc.pause(who.owner, job_id)
-    if action == "resume":
-        return svc.resume(who.owner, job_id)
-    raise APIError(404, f"no job action {action!r} (cancel, pause or resume)", code="not_found")
-
-
 @router.get("/jobs/{job_id}/report", response_class=HTMLResponse)
 def job_report(job_id: str, request: Request, who: Principal = Who) -> Response:
     """The run's HTML report (`tunelab report`), rendered from the job's run folder as it is now."""
@@ -134,8 +122,9 @@ def _sse(event: str, data: Any, id_: str | None = None) -> str:
 @router.get("/api/jobs/{job_id}/stream")
 async def job_stream(job_id: str, request: Request, who: Principal = Who) -> StreamingResponse:
     """Server-sent events: every job event in order (`event: job-event`, id = the event id, so a reconnect with
-    Last-Event-ID continues where it stopped), the job object whenever it changes (`event: job`), and `end`
-    once the job is finished and every event has been sent."""
+    Last-Event-ID continues where it stopped), the job object whenever it changes (`event: job`), its
+    checkpoints when there are new ones (`event: checkpoints`), and `end` once the job is finished and every
+    event has been sent."""
     svc = service(request)
     first = await run_in_threadpool(svc.get_job, who.owner, job_id)  # 404 before the stream starts
     last = request.headers.get("last-event-id") or None
@@ -144,6 +133,7 @@ async def job_stream(job_id: str, request: Request, who: Principal = Who) -> Str
         nonlocal last
         shown: dict[str, Any] | None = None
         job = first
+        n_ckpts = -1
         started = time.monotonic()
         yield "retry: 2000\n\n"
         while time.monotonic() - started < STREAM_MAX_S:
@@ -151,9 +141,16 @@ async def job_stream(job_id: str, request: Request, who: Principal = Who) -> Str
             for ev in new:
                 last = ev["id"]
                 yield _sse("job-event", ev, ev["id"])
-            if job != shown:
+            changed = job != shown
+            if changed:
                 shown = job
                 yield _sse("job", job)
+            if new or changed:  # checkpoints only appear with new events or a change of the job
+                ckpts = (await run_in_threadpool(svc.list_checkpoints, who.owner, job_id, after=None,
+                                                 limit=1000))["data"]
+                if len(ckpts) != n_ckpts:
+                    n_ckpts = len(ckpts)
+                    yield _sse("checkpoints", ckpts)
             if job["status"] in TERMINAL and not new:
                 yield _sse("end", {"status": job["status"]})
                 return
@@ -164,3 +161,16 @@ async def job_stream(job_id: str, request: Request, who: Principal = Who) -> Str
 
     return StreamingResponse(stream(), media_type="text/event-stream",
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
+# Last: its `{action}` would otherwise take the paths above (register, stream).
+@router.post("/api/jobs/{job_id}/{action}")
+def job_action(job_id: str, action: str, request: Request, who: Principal = Who) -> dict[str, Any]:
+    svc = service(request)
+    if action == "cancel":
+        return svc.cancel(who.owner, job_id)
+    if action == "pause":
+        return svc.pause(who.owner, job_id)
+    if action == "resume":
+        return svc.resume(who.owner, job_id)
+    raise APIError(404, f"no job action {action!r} (cancel, pause or resume)", code="not_found")

@@ -66,7 +66,7 @@ def _memory(f: MemoryForm) -> dict[str, Any]:
 
 
 def _form(model: type[BaseModel], params: dict[str, str], defaults: dict[str, Any]) -> tuple[Any, str | None]:
-    given = {k: v for k, v in params.items() if k in model.model_fields and v != ""}
+    given: dict[str, Any] = {k: v for k, v in params.items() if k in model.model_fields and v != ""}
     if model is MemoryForm:  # an unchecked checkbox sends nothing
         given["grad_ckpt"] = params.get("grad_ckpt") == "on"
     try:

@@ -112,6 +112,7 @@ def serve_command(
     def announce(url: str) -> None:
         names = [m.id for m in engine.list_models()]
         typer.echo(f"serving on {url}")
+        typer.echo(f"web console: {url.removesuffix('/v1')}/")
         if jobs_dir is not None:
             typer.echo(f"files and fine-tuning jobs APIs on: {workers} worker(s), data in {jobs_dir} "
                        "(--no-jobs turns them off)")

@@ -167,6 +167,16 @@ const tl = (() => {
     const es = new EventSource(`/console/api/jobs/${id}/stream`);
     es.addEventListener("job-event", (m) => onEvent(JSON.parse(m.data)));
     es.addEventListener("job", (m) => onJob(JSON.parse(m.data)));
+    es.addEventListener("checkpoints", (m) => {
+      const f = (v) => (v == null ? "" : v.toFixed(4));
+      $("#checkpoints tbody").replaceChildren(...JSON.parse(m.data).map((c) => {
+        const tr = document.createElement("tr");
+        for (const v of [c.step_number, c.fine_tuned_model_checkpoint, f(c.metrics.train_loss), f(c.metrics.valid_loss)]) {
+          const td = document.createElement("td"); td.textContent = v; tr.append(td);
+        }
+        return tr;
+      }));
+    });
     es.addEventListener("end", () => { es.close(); document.body.dataset.streamEnded = "1"; });
     redraw();
   }
