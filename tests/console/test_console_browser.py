@@ -227,7 +227,8 @@ def test_plan_calculators(page: Page, env: dict[str, Any]) -> None:
     page.fill("#cost-form input[name=train_tokens]", "1000000")
     page.fill("#cost-form input[name=train_price]", "8")
     page.click("#cost-btn")
-    expect(page.locator("#cost")).to_contain_text("month")
+    expect(page.locator("#cost")).to_contain_text("month 1")  # $8 of training against $125 saved a month
+    expect(page.locator("#memory tr.total")).to_contain_text("peak")  # one form: both results stay
     shot(page, env, "plan")
 
 

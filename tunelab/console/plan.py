@@ -77,23 +77,24 @@ def _form(model: type[BaseModel], params: dict[str, str], defaults: dict[str, An
 
 
 @router.get("/plan", response_class=HTMLResponse)
-async def plan_page(request: Request, which: str | None = None) -> Response:
+async def plan_page(request: Request, go: str | None = None) -> Response:
+    """One form for both calculators (so both results stay on the page); `go` set: it was submitted."""
     if current(request).principal is None:
         return page(request, "plan.html", "Plan")  # the sign-in form first
     jobs = getattr(request.app.state, "jobs", None)
     base = jobs.settings.base_model if jobs is not None else request.app.state.engine.base_model_name
-    params = dict(request.query_params)
-    mem_form, mem_error = _form(MemoryForm, params if which == "memory" else {}, {"model": base})
-    cost_form, cost_error = _form(CostForm, params if which == "cost" else {}, {})
+    params = dict(request.query_params) if go else {}
+    mem_form, mem_error = _form(MemoryForm, params, {"model": base})
+    cost_form, cost_error = _form(CostForm, params, {})
     memory = cost = None
-    if which == "memory" and mem_error is None:
+    if go and mem_error is None:
         try:
             memory = await run_in_threadpool(_memory, mem_form)
         except TunelabError as e:
             mem_error = e.message
         except (OSError, ValueError) as e:  # a model name that is neither a preset, a folder nor a config
             mem_error = f"cannot read the architecture of {mem_form.model!r}: {e}"
-    if which == "cost" and cost_error is None:
+    if go and cost_error is None:
         from tunelab.plan.cost import CostInputs, compute
 
         names = {f.name for f in fields(CostInputs)}
@@ -102,5 +103,4 @@ async def plan_page(request: Request, which: str | None = None) -> Response:
         except TunelabError as e:
             cost_error = e.message
     return page(request, "plan.html", "Plan", mem=mem_form, mem_error=mem_error, memory=memory, cost_form=cost_form,
-                cost_error=cost_error, cost=cost, which=which)
-
+                cost_error=cost_error, cost=cost)
