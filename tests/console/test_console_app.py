@@ -88,6 +88,11 @@ def test_owners_see_only_their_own(tmp_path: Path) -> None:
         assert r.status_code == 404
         # Bob's session token is not Alice's: her CSRF token does not work in his session.
         assert bob.post(f"/console/api/jobs/{job['id']}/cancel", headers={"X-CSRF-Token": csrf}).status_code == 403
+        # Pause and resume are the API's own state changes (no workers run here: the job waits to validate).
+        paused = alice.post(f"/console/api/jobs/{job['id']}/pause", headers={"X-CSRF-Token": csrf}).json()
+        assert paused["status"] == "paused"
+        resumed = alice.post(f"/console/api/jobs/{job['id']}/resume", headers={"X-CSRF-Token": csrf}).json()
+        assert resumed["status"] == "validating_files"
         # A bad hyperparameter is refused with its field, as the API refuses it.
         bad = alice.post("/console/api/jobs", json={"model": "fake-base", "training_file": f["id"],
                                                     "hyperparameters": {"n_epochs": 0}},
