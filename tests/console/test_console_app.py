@@ -93,6 +93,18 @@ def test_owners_see_only_their_own(tmp_path: Path) -> None:
         assert paused["status"] == "paused"
         resumed = alice.post(f"/console/api/jobs/{job['id']}/resume", headers={"X-CSRF-Token": csrf}).json()
         assert resumed["status"] == "validating_files"
+        # A blind pair is its starter's alone; the vote lands in the judge --human store and summary.
+        pair = alice.post("/console/api/pairs", json={"x": "fake-base", "y": "fake-base", "prompt": "hi"},
+                          headers={"X-CSRF-Token": csrf}).json()["pair"]
+        assert bob.post("/console/api/votes", json={"pair": pair, "verdict": "A"},
+                        headers={"X-CSRF-Token": bcsrf}).status_code == 404
+        voted = alice.post("/console/api/votes", json={"pair": pair, "verdict": "tie"},
+                           headers={"X-CSRF-Token": csrf}).json()
+        assert voted["summary"]["n"] == 1 and voted["summary"]["ties"] == 1
+        from tunelab.eval.judge import summarize_human
+
+        (store,) = (tmp_path / "judge").glob("alice-*/human-*.jsonl")
+        assert summarize_human(store)["n"] == 1
         # A bad hyperparameter is refused with its field, as the API refuses it.
         bad = alice.post("/console/api/jobs", json={"model": "fake-base", "training_file": f["id"],
                                                     "hyperparameters": {"n_epochs": 0}},

@@ -97,6 +97,8 @@ def build_console(parent: FastAPI) -> FastAPI:
 
     app = FastAPI(title="tunelab console", docs_url=None, redoc_url=None, openapi_url=None)
     app.state = parent.state  # same engine, settings and services as the API routes
+    parent.state.console_sessions = sess.Sessions()
+    parent.state.console_pairs = {}  # open blind pairs of the playground
     install_error_handlers(app)
     app.add_api_route("/", lambda: RedirectResponse("/console/jobs", status_code=303), methods=["GET"])
     app.add_api_route("/login", login_form, methods=["GET"], response_class=HTMLResponse)

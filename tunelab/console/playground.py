@@ -29,8 +29,13 @@ from tunelab.server.protocol import ChatCompletionRequest
 router = APIRouter()
 Who = Depends(signed_in)
 MAX_PAIRS = 1000  # open blind pairs kept per server (the oldest are forgotten first)
-_pairs: dict[str, dict[str, Any]] = {}
 _pairs_lock = threading.Lock()
+
+
+def _pairs(request: Request) -> dict[str, dict[str, Any]]:
+    """Open blind pairs (token -> who may rate it, X, Y and their order), made by build_console."""
+    found: dict[str, dict[str, Any]] = request.app.state.console_pairs
+    return found
 
 
 def serving_for(request: Request, who: Principal) -> Any:
@@ -46,7 +51,9 @@ def store_path(request: Request, who: Principal, x: str, y: str) -> Path | None:
     jobs = getattr(request.app.state, "jobs", None)
     if jobs is None:
         return None
-    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in who.owner)[:100] or "anonymous"
+    # A readable folder per owner, with a hash so that owners "a b" and "a-b" never share one.
+    safe = "".join(c if c.isalnum() or c in "-_." else "-" for c in who.owner)[:80]
+    safe += "-" + hashlib.sha256(who.owner.encode()).hexdigest()[:8]
     pair = hashlib.sha256(f"{x}\n{y}".encode()).hexdigest()[:16]
     return Path(jobs.settings.data_dir) / "judge" / safe / f"human-{pair}.jsonl"
 
@@ -78,7 +85,7 @@ async def chat(body: Play, request: Request, who: Principal = Who) -> Response:
     model = body.model
     if body.pair is not None:
         with _pairs_lock:
-            pair = _pairs.get(body.pair)
+            pair = _pairs(request).get(body.pair)
         if pair is None or pair["owner"] != who.owner:
             raise APIError(404, "no such blind pair (it may have expired): start a new one", param="pair")
         if body.side is None:
@@ -116,9 +123,10 @@ def start_pair(body: PairStart, request: Request, who: Principal = Who) -> dict[
     x_is_a = random.random() < 0.5
     token = secrets.token_urlsafe(16)
     with _pairs_lock:
-        while len(_pairs) >= MAX_PAIRS:
-            del _pairs[next(iter(_pairs))]
-        _pairs[token] = {"owner": who.owner, "x": body.x, "y": body.y, "x_is_a": x_is_a, "prompt": body.prompt,
+        pairs = _pairs(request)
+        while len(pairs) >= MAX_PAIRS:
+            del pairs[next(iter(pairs))]
+        pairs[token] = {"owner": who.owner, "x": body.x, "y": body.y, "x_is_a": x_is_a, "prompt": body.prompt,
                          "a": body.x if x_is_a else body.y, "b": body.y if x_is_a else body.x}
     return {"pair": token}
 
@@ -133,10 +141,10 @@ def vote(body: Vote, request: Request, who: Principal = Who) -> dict[str, Any]:
     from tunelab.eval.judge import record_human_verdict, summarize_human
 
     with _pairs_lock:
-        pair = _pairs.get(body.pair)
+        pair = _pairs(request).get(body.pair)
         if pair is None or pair["owner"] != who.owner:
             raise APIError(404, "no such blind pair (already rated, or expired)", param="pair")
-        del _pairs[body.pair]
+        del _pairs(request)[body.pair]
     path = store_path(request, who, pair["x"], pair["y"])
     assert path is not None
     rec = record_human_verdict(path, body.pair, x_name=pair["x"], y_name=pair["y"], x_is_a=pair["x_is_a"],

@@ -71,10 +71,7 @@ class Sessions:
 
 
 def sessions(request: Request) -> Sessions:
-    state = request.app.state
-    store = getattr(state, "console_sessions", None)
-    if store is None:
-        store = state.console_sessions = Sessions()
+    store: Sessions = request.app.state.console_sessions  # made by build_console
     return store
 
 
