@@ -131,3 +131,27 @@ def test_open_without_keys_and_no_assets(tmp_path: Path, monkeypatch: pytest.Mon
         assert "make console-assets" in page and "uPlot.iife.min.js" not in page
         for path in ("/console/data", "/console/models", "/console/playground", "/console/plan"):
             assert c.get(path).status_code == 200, path
+
+
+def test_job_event_stream(tmp_path: Path) -> None:
+    """The job page's server-sent events: every event in order with its id, the job, then `end` once the job
+    is finished; another owner gets 404 before any stream starts."""
+    with _app(tmp_path, KEYS) as alice, TestClient(alice.app, base_url="http://127.0.0.1") as bob:
+        csrf = _sign_in(alice, "sk-alice")
+        f = alice.post("/console/api/files", files={"file": ("t.jsonl", _rows(12), "application/jsonl")},
+                       headers={"X-CSRF-Token": csrf}).json()
+        job = alice.post("/console/api/jobs", json={"model": "fake-base", "training_file": f["id"]},
+                         headers={"X-CSRF-Token": csrf}).json()
+        alice.post(f"/console/api/jobs/{job['id']}/cancel", headers={"X-CSRF-Token": csrf})
+        _sign_in(bob, "sk-bob")
+        assert bob.get(f"/console/api/jobs/{job['id']}/stream").status_code == 404
+        r = alice.get(f"/console/api/jobs/{job['id']}/stream")
+        assert r.status_code == 200 and r.headers["content-type"].startswith("text/event-stream")
+        blocks = [b for b in r.text.split("\n\n") if b.startswith(("id:", "event:"))]
+        kinds = [re.search(r"^event: (\S+)", b, re.M).group(1) for b in blocks]  # type: ignore[union-attr]
+        assert kinds[-1] == "end" and "job" in kinds and kinds.count("job-event") >= 3
+        messages = [json.loads(b.split("data: ", 1)[1])["message"] for b in blocks if "event: job-event" in b]
+        assert messages[0].startswith("Created fine-tuning job") and messages[-1] == "Fine-tuning job cancelled"
+        first_id = re.search(r"^id: (\S+)", blocks[0], re.M).group(1)  # type: ignore[union-attr]
+        resumed = alice.get(f"/console/api/jobs/{job['id']}/stream", headers={"Last-Event-ID": first_id}).text
+        assert "Created fine-tuning job" not in resumed and "Fine-tuning job cancelled" in resumed

@@ -166,7 +166,11 @@ def test_create_job_and_watch_the_curve(page: Page, env: dict[str, Any]) -> None
     page.wait_for_url("**/console/jobs/ftjob-*")
     STATE["job_url"] = page.url
     STATE["job_id"] = page.url.rsplit("/", 1)[-1]
+    listing = page.context.new_page()  # the Jobs list, open while the job runs: its row follows by events
+    listing.goto("/console/jobs")
     page.wait_for_selector("body[data-job-status=succeeded]", timeout=150_000)
+    expect(listing.locator(f"tr[data-job='{STATE['job_id']}'] .status")).to_have_text("succeeded")
+    listing.close()
     page.wait_for_selector("body[data-stream-ended]", timeout=20_000)
     drawn = page.evaluate("""() => { const d = window.tlChart.data;
         const n = (a) => a.filter((v) => v != null).length; return [n(d[1]), n(d[2]), n(d[3])]; }""")

@@ -163,6 +163,31 @@ async def job_stream(job_id: str, request: Request, who: Principal = Who) -> Str
                              headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
 
 
+@router.get("/api/jobs-stream")
+async def jobs_stream(request: Request, who: Principal = Who) -> StreamingResponse:
+    """Server-sent events for the Jobs list: the owner's newest 100 jobs (id, status, step, fine-tuned model)
+    whenever one of them changes, so the list stays live without the page polling."""
+    svc = service(request)
+
+    async def stream() -> AsyncIterator[str]:
+        shown: list[dict[str, Any]] | None = None
+        started = time.monotonic()
+        yield "retry: 2000\n\n"
+        while time.monotonic() - started < STREAM_MAX_S:
+            listed = (await run_in_threadpool(svc.list_jobs, who.owner, after=None, limit=100))["data"]
+            brief = [{"id": j["id"], "status": j["status"], "fine_tuned_model": j["fine_tuned_model"],
+                      "step": j["tunelab"]["step"], "total_steps": j["tunelab"]["total_steps"]} for j in listed]
+            if brief != shown:
+                shown = brief
+                yield _sse("jobs", brief)
+            if await request.is_disconnected():
+                return
+            await asyncio.sleep(2 * STREAM_POLL_S)
+
+    return StreamingResponse(stream(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-store", "X-Accel-Buffering": "no"})
+
+
 # Last: its `{action}` would otherwise take the paths above (register, stream).
 @router.post("/api/jobs/{job_id}/{action}")
 def job_action(job_id: str, action: str, request: Request, who: Principal = Who) -> dict[str, Any]:

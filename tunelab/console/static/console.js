@@ -40,6 +40,19 @@ const tl = (() => {
   function jobsPage() {
     const form = $("#new-job");
     if (!form) return;
+    if ($("#jobs")) {  // live statuses: one event stream for the list
+      const es = new EventSource("/console/api/jobs-stream");
+      es.addEventListener("jobs", (m) => {
+        for (const j of JSON.parse(m.data)) {
+          const tr = $(`tr[data-job="${j.id}"]`);
+          if (!tr) continue;
+          const st = $(".status", tr);
+          st.textContent = j.status; st.className = "status " + j.status;
+          $(".ft", tr).textContent = j.fine_tuned_model || "";
+          $(".step", tr).textContent = j.total_steps ? `${j.step}/${j.total_steps}` : String(j.step);
+        }
+      });
+    }
     form.addEventListener("submit", async (ev) => {
       ev.preventDefault();
       const f = Object.fromEntries(new FormData(form));
