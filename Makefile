@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-dev.txt 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-fast test-slow test-all lint typecheck bench clean
+.PHONY: install demo test test-fast test-slow test-all lint typecheck bench clean console-assets
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -17,9 +17,23 @@ $(STAMP): pyproject.toml
 	rm -f $(VENV)/.installed-*
 	touch $@
 
-install: $(STAMP)
+install: $(STAMP) console-assets
 
-demo: $(STAMP)
+# The web console's chart library (uPlot), from the npm registry at build time: npm ci of the locked version,
+# then its dist files copied where the server serves them (ignored by git). Without node the console still
+# works, without charts, and says how to build them.
+CONSOLE := tunelab/console
+console-assets: $(CONSOLE)/static/vendor/uPlot.iife.min.js
+
+$(CONSOLE)/static/vendor/uPlot.iife.min.js: $(CONSOLE)/assets/package.json $(CONSOLE)/assets/package-lock.json
+	@if command -v npm >/dev/null 2>&1; then \
+	  cd $(CONSOLE)/assets && npm ci --no-audit --no-fund --loglevel=error && cd - >/dev/null && \
+	  mkdir -p $(CONSOLE)/static/vendor && \
+	  cp $(CONSOLE)/assets/node_modules/uplot/dist/uPlot.iife.min.js \
+	     $(CONSOLE)/assets/node_modules/uplot/dist/uPlot.min.css $(CONSOLE)/static/vendor/; \
+	else echo "npm not found: the web console works without charts (install nodejs + npm, then make console-assets)"; fi
+
+demo: $(STAMP) console-assets
 	$(BIN)/tunelab demo
 
 lint: $(STAMP)
@@ -29,15 +43,15 @@ lint: $(STAMP)
 # Three tiers, like transformers' RUN_SLOW: `make test` (what CI runs, ~15 min on 2 cores) is every test on tiny
 # in-process models; `make test-slow` the end-to-end runs on the real SmolLM2 (training it, serving it, the
 # plan's fine-tuning probes: ~30 min more), run before every release; `make test-all` both.
-test: $(STAMP)
+test: $(STAMP) console-assets
 	$(BIN)/ruff check tunelab tests bench
 	$(BIN)/mypy tunelab
 	$(BIN)/python -m pytest -q -x -m "not slow and not gpu" --durations=15
 
-test-slow: $(STAMP)
+test-slow: $(STAMP) console-assets
 	$(BIN)/python -m pytest -q -x -m "slow and not gpu" --durations=15
 
-test-all: $(STAMP)
+test-all: $(STAMP) console-assets
 	$(BIN)/ruff check tunelab tests bench
 	$(BIN)/mypy tunelab
 	$(BIN)/python -m pytest -q -x -m "not gpu" --durations=25

@@ -86,7 +86,7 @@ def serve_command(
     sets = parse_overrides(set_)
     jobs_dir = None if no_jobs else (data_dir or default_data_dir()).expanduser().resolve()
     # File uploads bypass the in-memory body guard and stream to disk (multipart overhead on top of the file).
-    streamed = ("/v1/files",) if jobs_dir is not None else ()
+    streamed = ("/v1/files", "/console/api/files") if jobs_dir is not None else ()
     settings = ServerSettings(api_keys=keys, admin_keys=admins, max_tokens_limit=max_tokens_limit, max_n=max_n,
                               max_request_bytes=max_request_bytes, streamed_paths=streamed,
                               max_streamed_bytes=max_upload_bytes + 65536)
@@ -112,6 +112,7 @@ def serve_command(
     def announce(url: str) -> None:
         names = [m.id for m in engine.list_models()]
         typer.echo(f"serving on {url}")
+        typer.echo(f"web console: {url.removesuffix('/v1')}/")
         if jobs_dir is not None:
             typer.echo(f"files and fine-tuning jobs APIs on: {workers} worker(s), data in {jobs_dir} "
                        "(--no-jobs turns them off)")

@@ -215,13 +215,24 @@ def human_judge(
             break
         if choice == "s":
             continue
-        verdict = {"a": "A", "b": "B", "t": "tie"}[choice]
-        rec = {"id": p.id, "x": x_name, "y": y_name, "x_is_a": x_is_a, "verdict": verdict,
-               "outcome": _to_model(verdict, x_is_a)}
-        with out.open("a", encoding="utf-8") as f:
-            f.write(json.dumps(rec) + "\n")
+        record_human_verdict(out, p.id, x_name=x_name, y_name=y_name, x_is_a=x_is_a,
+                             verdict={"a": "A", "b": "B", "t": "tie"}[choice])
         done.add(p.id)
     return summarize_human(out)
+
+
+def record_human_verdict(out: Path, pair_id: str, *, x_name: str, y_name: str, x_is_a: bool, verdict: str,
+                         **extra: Any) -> dict[str, Any]:
+    """Append one person's verdict ('A', 'B' or 'tie' for the answers as shown) to the human store `out`
+    (JSONL; `summarize_human` reads it). The web console's blind rating writes here too."""
+    if verdict not in ("A", "B", "tie"):
+        raise TunelabError(f"verdict must be 'A', 'B' or 'tie', got {verdict!r}", 2)
+    rec = {"id": pair_id, "x": x_name, "y": y_name, "x_is_a": x_is_a, "verdict": verdict,
+           "outcome": _to_model(verdict, x_is_a), **extra}
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with out.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(rec) + "\n")
+    return rec
 
 
 def summarize_human(path: Path) -> dict[str, Any]:

@@ -75,7 +75,8 @@ def read_metrics(path: Path, cursor: Cursor, *, total: int, has_valid: bool, eva
         elif m.get("baseline"):
             if step > last_valid:
                 last_valid = step
-                events.append(Event(f"Baseline (before training): validation loss={m.get('valid_loss', math.nan):.4f}"))
+                events.append(Event(f"Baseline (before training): validation loss={m.get('valid_loss', math.nan):.4f}",
+                                    data={"step": step, "baseline": True, "valid_loss": m.get("valid_loss")}))
         elif "train_loss" in m:
             valid_row = None
             if has_valid and (step == total or bool(eval_every and step % eval_every == 0)):

@@ -7,6 +7,7 @@ Extension points for other API areas (a fine-tuning jobs API, files, ...):
   * `create_app(engine, settings, extra_routers=[router, ...])` mounts more routers; the app-wide
     `authenticate` dependency guards them too, and OpenAI-style errors apply (raise `APIError`).
   * In a route, `principal: Principal = Depends(authenticate)` tells which key/owner called.
+  * `create_app(..., console=False)` leaves out the web console (tunelab.console, mounted at /console).
   * `request.app.state.engine.register_adapter(name, path, owned_by=...)` serves a new adapter at once
     (it appears in /v1/models and can be used as `model`), `unregister_adapter(name)` removes it.
 """
@@ -141,6 +142,7 @@ def create_app(
     extra_routers: Iterable[APIRouter] = (),
     serving_factory: Callable[[InferenceEngine, ServerSettings], OpenAIServing] = OpenAIServing,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
+    console: bool = True,
 ) -> FastAPI:
     """Build the app serving `engine`. The engine's lifetime is the caller's: `create_app` never closes it."""
     settings = settings or ServerSettings()
@@ -160,6 +162,10 @@ def create_app(
     app.include_router(openai_router)
     for extra in extra_routers:
         app.include_router(extra)
+    if console:  # the web console at / (its own cookie sign-in; see tunelab.console)
+        from tunelab.console import mount_console
+
+        mount_console(app)
     if on_shutdown is not None:
         app.router.on_shutdown.append(on_shutdown)
     app.add_middleware(LimitsMiddleware, state=app.state)

@@ -44,8 +44,17 @@ async def authenticate(request: Request) -> Principal:
     if token is None:
         raise APIError(401, "missing API key: send 'Authorization: Bearer <key>'", code="invalid_api_key",
                        headers={"WWW-Authenticate": "Bearer"})
+    principal = principal_for_key(settings, token)
+    if principal is None:
+        raise APIError(401, "incorrect API key provided", code="invalid_api_key",
+                       headers={"WWW-Authenticate": "Bearer"})
+    return principal
+
+
+def principal_for_key(settings: ServerSettings, token: str) -> Principal | None:
+    """Who `token` is, or None for an unknown key (the web console's sign-in asks the same question)."""
     for key, owner in settings.api_keys.items():
         # Constant-time comparison: response timing must not reveal how much of a key matched.
         if hmac.compare_digest(key.encode(), token.encode()):
             return Principal(owner=owner, api_key=key, admin=key in settings.admin_keys)
-    raise APIError(401, "incorrect API key provided", code="invalid_api_key", headers={"WWW-Authenticate": "Bearer"})
+    return None
