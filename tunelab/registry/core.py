@@ -112,10 +112,12 @@ def _base_model(run: Path, kind: str, weights: Path) -> tuple[str | None, str | 
     folder = Path(name)
     if not folder.is_dir():
         from tunelab.model.loading import BUILTIN_MODELS, resolve_model
+        from tunelab.model.names import builtin_for
 
-        if name not in BUILTIN_MODELS:
+        local = name if name in BUILTIN_MODELS else builtin_for(name)  # adapters record a built-in's hub id
+        if local is None:
             return name, None  # a hub id: its hash is the hub's business; we do not download to hash it
-        folder = Path(resolve_model(name).path)
+        folder = Path(resolve_model(local).path)
     files = list(folder.glob("*.safetensors"))
     return name, _sha256_files(files) if files else None
 

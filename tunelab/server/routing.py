@@ -22,7 +22,7 @@ import dataclasses
 import logging
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterable, AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol
@@ -296,7 +296,7 @@ class RoutedServing:
         return response
 
 
-async def _observed(body: AsyncIterator[Any], metrics: Metrics, label: str, endpoint: str,
+async def _observed(body: AsyncIterable[Any], metrics: Metrics, label: str, endpoint: str,
                     started: float) -> AsyncIterator[Any]:
     try:
         async for piece in body:
