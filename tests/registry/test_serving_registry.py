@@ -42,6 +42,7 @@ def env(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict[str, Any]]:
     reg.alias("notes", "staging", 2, owner="alice")
     reg.add("secret", adapters[2], owner="bob")
     reg.promote("secret", 1, owner="bob")
+    reg.add("whole", base, owner="alice")  # a full model folder: not servable on the one base
     reg.add("mine", adapters[0])  # the CLI's owner, `local`: served when the server has no keys
     reg.promote("mine", 1)
 
@@ -60,10 +61,10 @@ def _client(env: dict[str, Any], key: str = ALICE) -> openai.OpenAI:
     return env["live"].client(key)
 
 
-def _chat(client: openai.OpenAI, model: str, user: str | None = None) -> tuple[str, str, str]:
+def _chat(client: openai.OpenAI, model: str, user: str | None = None, max_tokens: int = 8) -> tuple[str, str, str]:
     """(header, body model, text) of a greedy chat completion."""
     extra = {"user": user} if user else {}
-    raw = client.chat.completions.with_raw_response.create(model=model, messages=HELLO, max_tokens=8,
+    raw = client.chat.completions.with_raw_response.create(model=model, messages=HELLO, max_tokens=max_tokens,
                                                            temperature=0, **extra)
     body = raw.parse()
     return raw.headers[HEADER], body.model, body.choices[0].message.content or ""
@@ -107,9 +108,17 @@ def test_alias_moved_by_another_process_applies_to_the_next_request(env: dict[st
         assert _chat(client, "notes")[0] == "notes@1"
     finally:
         other.close()
+    # The CLI, as an operator would run it for a key's owner (its own Registry instance).
+    from tunelab.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["registry", "promote", "notes", "2", "--owner", "alice", "--data-dir", str(env["root"] / "data")])
+    assert done.value.code == 0
+    assert _chat(client, "notes")[0] == "notes@2"
+    env["reg"].promote("notes", 1, owner="alice")
     # Versions stay registered: moving the alias back and forth loaded each adapter at most once more (the
     # base is never reloaded: the engine holds one base model throughout).
-    assert engine.stats["adapter_loads"] - loads <= 2
+    assert engine.stats["adapter_loads"] - loads <= 3
     assert sum(1 for m in engine.list_models() if m.id.startswith("registry:alice/notes@1#")) == 1
 
 
@@ -117,10 +126,10 @@ def test_split_is_sticky_per_user(env: dict[str, Any]) -> None:
     client = _client(env)
     env["reg"].route("notes", "canary", {1: 0.5, 3: 0.5}, owner="alice")
     seen: dict[str, str] = {}
-    for i in range(16):
+    for i in range(12):  # the pick is a hash of the user: deterministic, so these 12 users always split both ways
         user = f"user-{i}"
-        first = _chat(client, "notes@canary", user=user)[0]
-        assert _chat(client, "notes@canary", user=user)[0] == first  # the same user stays on one side
+        first = _chat(client, "notes@canary", user=user, max_tokens=1)[0]
+        assert _chat(client, "notes@canary", user=user, max_tokens=1)[0] == first  # a user stays on one side
         seen[user] = first
     assert set(seen.values()) == {"notes@1", "notes@3"}
 
@@ -140,10 +149,18 @@ def test_unknown_and_other_owners_names_are_404_on_model(env: dict[str, Any]) ->
         bob.chat.completions.create(model="notes", messages=HELLO, max_tokens=2)
 
 
+def test_refusals_after_resolution_name_the_version(env: dict[str, Any]) -> None:
+    with env["live"].http(ALICE) as http:
+        r = http.post("/v1/chat/completions", json={"model": "notes", "messages": HELLO, "max_tokens": 10**6})
+        assert r.status_code == 400 and r.headers[HEADER] == "notes@1" and r.json()["error"]["param"] == "max_tokens"
+        r = http.post("/v1/chat/completions", json={"model": "whole@1", "messages": HELLO})
+        assert r.status_code == 400 and r.json()["error"]["code"] == "model_not_servable"
+
+
 def test_models_lists_the_owners_names_and_aliases_only(env: dict[str, Any]) -> None:
     ids = {m.id for m in _client(env).models.list()}
     assert {"tiny", "plain-two", "notes", "notes@production", "notes@staging", "notes@1", "notes@3"} <= ids
-    assert not any(i.startswith(("registry:", "secret", "mine")) for i in ids)
+    assert not any(i.startswith(("registry:", "secret", "mine", "whole")) for i in ids)
     assert _client(env).models.retrieve("notes@staging").owned_by == "alice"
     assert "secret" in {m.id for m in _client(env, BOB).models.list()}
 

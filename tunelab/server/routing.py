@@ -281,7 +281,7 @@ class RoutedServing:
         except APIError as e:
             if e.code == "model_not_found" and e.param == "model":
                 label = UNKNOWN  # a client's made-up name is not a metrics label
-            else:
+            elif label != UNKNOWN:  # resolved, then refused (max_tokens, ...): say which version refused
                 e.headers = {**(e.headers or {}), HEADER: label}
             metrics.observe(label, endpoint, e.status, started)
             raise
