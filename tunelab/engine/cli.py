@@ -121,6 +121,8 @@ def serve_command(
             typer.echo(f"files and fine-tuning jobs APIs on: {workers} worker(s), data in {jobs_dir} "
                        "(--no-jobs turns them off)")
         typer.echo(f"models: {', '.join(names)}")
+        if registry is not None:
+            typer.echo("registry models are served by name too (NAME, NAME@3, NAME@staging): `tunelab registry list`")
         for path, why in engine.rejected.items():
             typer.echo(f"skipped {path}: {why}")
         if adapters_dir is not None and not adapters_dir.exists():
