@@ -315,3 +315,38 @@ def test_jobs_cli_on_the_official_client(server: Server, guide_job: dict[str, st
     assert run("cancel", new_id).strip() == "cancelled"
     res = runner.invoke(app, ["jobs", "get", "ftjob-nope", "--base-url", server.url], env=env)
     assert res.exit_code != 0
+
+
+def test_succeeded_job_is_registered_and_served_by_registry_name(server: Server, guide_job: dict[str, str],
+                                                                 jobs_env: dict[str, Path]) -> None:
+    """Auto-registration: each checkpoint a version (step order, the final model last), production on the last;
+    served by name to its owner only, with the version header; the ft: names keep working."""
+    from tunelab.registry import Registry
+
+    client = server.client()
+    job = client.fine_tuning.jobs.retrieve(guide_job["job"])
+    name = f"ft-{BASE}-medical-notes-v1-{job.id.removeprefix('ftjob-')[:8]}"
+    reg = Registry.open(jobs_env["root"] / "data")
+    try:
+        versions = reg.versions(name, owner="alice")
+        assert [v.lineage["step"] for v in versions] == [2, 4, 6, 8]
+        assert versions[-1].lineage["fine_tuned_model"] == f"{job.fine_tuned_model}:ckpt-step-8"
+        assert versions[-1].lineage["fine_tuning_job"] == job.id and versions[-1].kind == "adapter"
+        assert reg.resolve(name, owner="alice").version == 4 and not reg.exists(name, owner="bob")
+    finally:
+        reg.close()
+    assert any(e.message.startswith(f"Registered in the model registry as {name}")
+               for e in client.fine_tuning.jobs.list_events(job.id, limit=50).data)
+    raw = client.chat.completions.with_raw_response.create(model=name, messages=[{"role": "user", "content": "hi"}],
+                                                           max_tokens=4)
+    assert raw.headers["x-tunelab-model-version"] == f"{name}@4"
+    raw = client.chat.completions.with_raw_response.create(model=f"{name}@1", max_tokens=4,
+                                                           messages=[{"role": "user", "content": "hi"}])
+    assert raw.headers["x-tunelab-model-version"] == f"{name}@1"
+    raw = client.chat.completions.with_raw_response.create(model=job.fine_tuned_model, max_tokens=4,
+                                                           messages=[{"role": "user", "content": "hi"}])
+    assert raw.headers["x-tunelab-model-version"] == job.fine_tuned_model
+    assert name in {m.id for m in client.models.list()}
+    with pytest.raises(openai.NotFoundError):
+        server.client(BOB).chat.completions.create(model=name, messages=[{"role": "user", "content": "hi"}],
+                                                   max_tokens=2)

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.engine.types import AdapterError
+from tunelab.model.names import builtin_for
 from tunelab.rundir import RunDir
 
 log = logging.getLogger(__name__)
@@ -138,6 +139,6 @@ def check_fits(
             )
     if lora_keys == 0:
         raise AdapterError(f"adapter {name!r}: {weights} holds no LoRA weights")
-    if folder.base_name and folder.base_name not in base_names:
+    if folder.base_name and folder.base_name not in base_names and builtin_for(folder.base_name) not in base_names:
         # Same shapes, different recorded name: usually a moved path or a local copy of the same model.
         log.info("adapter %r records base %r; serving it on %r since its shapes fit", name, folder.base_name, base_label)

@@ -9,6 +9,7 @@ options, build the engine and the app, print where to connect, run until SIGTERM
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import typer
 
@@ -68,6 +69,9 @@ def serve_command(
     no_jobs: bool = typer.Option(False, "--no-jobs", help="Serve the model APIs only: no Files or Fine-tuning Jobs."),
     workers: int = typer.Option(1, "--workers", min=1, help="Fine-tuning jobs trained at once (a child process each)."),
     database_url: str | None = typer.Option(None, "--database-url", help="Jobs store: SQLAlchemy URL (default SQLite in the data dir)."),
+    registry_spec: str | None = typer.Option(
+        None, "--registry", help="Model registry served by name (NAME, NAME@3, NAME@staging): a SQLAlchemy URL or "
+        "mlflow:TRACKING_URI (default: the jobs store's database in the data dir)."),
     max_upload_bytes: int = typer.Option(512 * 1024 * 1024, help="Largest uploaded file."),
     set_: list[str] = typer.Option([], "--set", help="Override every job's config: key=value (e.g. train.max_steps=50)."),
     max_jobs_per_owner: int = typer.Option(4, min=1, help="Jobs one owner may have validating, queued or running."),
@@ -90,6 +94,7 @@ def serve_command(
     settings = ServerSettings(api_keys=keys, admin_keys=admins, max_tokens_limit=max_tokens_limit, max_n=max_n,
                               max_request_bytes=max_request_bytes, streamed_paths=streamed,
                               max_streamed_bytes=max_upload_bytes + 65536)
+    registry = _open_registry(data_dir, registry_spec or database_url, jobs_dir is not None)
     typer.echo(f"loading {model} ...")
     engine = Engine.from_pretrained(
         model, dtype=dtype, load_in_4bit=load_in_4bit, device=device, adapters=adapters, adapters_dir=adapters_dir,
@@ -97,7 +102,7 @@ def serve_command(
         max_batch_size=max_batch_size, mixed_batching=mixed_batching,
     )
     if jobs_dir is None:
-        app = create_app(engine, settings)
+        app = create_app(engine, settings, registry=registry)
     else:
         from tunelab.jobs.app import build_jobs_app
         from tunelab.jobs.service import JobsSettings
@@ -107,7 +112,7 @@ def serve_command(
                             max_upload_bytes=max_upload_bytes, max_jobs_per_owner=max_jobs_per_owner,
                             max_files_per_owner=max_files_per_owner, max_bytes_per_owner=max_bytes_per_owner,
                             server_sets=sets)
-        app = build_jobs_app(engine, settings, jobs, workers=workers, database=database_url)
+        app = build_jobs_app(engine, settings, jobs, workers=workers, database=database_url, registry=registry)
 
     def announce(url: str) -> None:
         names = [m.id for m in engine.list_models()]
@@ -117,6 +122,8 @@ def serve_command(
             typer.echo(f"files and fine-tuning jobs APIs on: {workers} worker(s), data in {jobs_dir} "
                        "(--no-jobs turns them off)")
         typer.echo(f"models: {', '.join(names)}")
+        if registry is not None:
+            typer.echo("registry models are served by name too (NAME, NAME@3, NAME@staging): `tunelab registry list`")
         for path, why in engine.rejected.items():
             typer.echo(f"skipped {path}: {why}")
         if adapters_dir is not None and not adapters_dir.exists():
@@ -132,6 +139,17 @@ def serve_command(
     finally:
         engine.close()
     typer.echo("server stopped")
+
+
+def _open_registry(data_dir: Path | None, spec: str | None, jobs_on: bool) -> Any:
+    """The registry `tunelab registry` writes (same data dir and database). With --no-jobs and neither option
+    given it is served only if it already exists: a plain model server creates no database in the home dir."""
+    from tunelab.registry import Registry
+
+    root = (data_dir or default_data_dir()).expanduser().resolve()
+    if not (jobs_on or data_dir or spec or (root / "jobs.db").is_file()):
+        return None
+    return Registry.open(root, spec)
 
 
 def register(app: typer.Typer, data_app: typer.Typer) -> None:

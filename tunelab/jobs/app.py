@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import Depends, FastAPI, Request, Response
 
@@ -27,6 +27,9 @@ from tunelab.server.protocol import ChatCompletionRequest, CompletionRequest, Mo
 from tunelab.server.routes import get_serving
 from tunelab.server.serving import OpenAIServing
 from tunelab.server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from tunelab.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -65,7 +68,7 @@ def _scoped_serving(request: Request, who: Principal = Depends(authenticate)) ->
 
 def build_jobs_app(
     engine: InferenceEngine, server_settings: ServerSettings, settings: JobsSettings, *, workers: int = 1,
-    database: str | None = None,
+    database: str | None = None, registry: Registry | None = None,
 ) -> FastAPI:
     settings = _with_model_facts(settings, engine)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
@@ -79,14 +82,14 @@ def build_jobs_app(
             return e.message
         return None
 
-    service = JobsService(store, settings, register=register)
+    service = JobsService(store, settings, register=register, registry=registry)
     pool = WorkerPool(service, workers)
 
     async def shutdown() -> None:
         pool.stop()
         store.close()
 
-    app = create_app(engine, server_settings, extra_routers=[router], on_shutdown=shutdown)
+    app = create_app(engine, server_settings, extra_routers=[router], on_shutdown=shutdown, registry=registry)
     app.state.jobs = service
     app.state.jobs_pool = pool
     app.dependency_overrides[get_serving] = _scoped_serving

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import logging
 import os
+import re
 import shutil
 import tempfile
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import IO, Any, Protocol
+from typing import IO, TYPE_CHECKING, Any, Protocol
 
 from sqlalchemy import func, select
 from sqlalchemy.engine import RowMapping
@@ -29,6 +30,9 @@ from sqlalchemy.engine import RowMapping
 from tunelab.jobs import hyper
 from tunelab.jobs.store import Store, checkpoints, events, files, jobs, new_id, now
 from tunelab.server.errors import APIError
+
+if TYPE_CHECKING:
+    from tunelab.registry import Registry
 
 log = logging.getLogger(__name__)
 
@@ -97,8 +101,9 @@ def model_owner(owner: str) -> str:
 
 class JobsService:
     def __init__(self, store: Store, settings: JobsSettings, *, register: Callable[[str, str, str], str | None]
-                 | None = None) -> None:
+                 | None = None, registry: Registry | None = None) -> None:
         self.store = store
+        self.registry = registry  # where succeeded jobs register their models (None: they are not registered)
         self.settings = settings
         self.workers: Workers = _NoWorkers()
         # register(name, path, owner) -> error message or None; set by the app to serve adapters at once.
@@ -405,6 +410,42 @@ class JobsService:
                 job_owner = c.execute(select(jobs.c.owner).join(checkpoints, checkpoints.c.job_id == jobs.c.id)
                                       .where(checkpoints.c.model_name == model)).scalar()
         return None if job_owner is None else job_owner == owner
+
+
+    # ================================================================== registry
+    @staticmethod
+    def registry_name(row: RowMapping) -> str:
+        """A job's registry name, from its `ft:` id less the owner (the registry is per owner):
+        ft:tiny:alice:notes:abcd1234 -> ft-tiny-notes-abcd1234."""
+        parts = [str(row["model"])[-48:], str(row["suffix"] or "")[:40], row["id"].removeprefix("ftjob-")[:8]]
+        name = re.sub(r"[^A-Za-z0-9._-]+", "-", "ft-" + "-".join(p for p in parts if p))
+        return re.sub(r"\.{2,}", ".", name).strip("-.")
+
+    def register_job_model(self, row: RowMapping) -> tuple[str, str] | None:
+        """Register a succeeded job in its owner's registry: each checkpoint a version, in step order, the final
+        model last, with the `production` alias on it. Returns (event message, level), None with no registry."""
+        from tunelab.registry import RegistryError, registry_owner
+
+        if self.registry is None:
+            return None
+        name, owner = self.registry_name(row), registry_owner(row["owner"])
+        by_step = {int(r["step_number"]): r for r in self.store.checkpoints_of(row["id"])}  # the final row wins
+        run = self.job_dir(row["id"]) / "run"
+        try:
+            last = None
+            for step in sorted(by_step):
+                ck = by_step[step]
+                last = self.registry.add(
+                    name, run, owner=owner, weights=ck["path"], created_by=row["owner"],
+                    extra_lineage={"fine_tuning_job": row["id"], "fine_tuned_model": ck["model_name"], "step": step})
+            if last is None:
+                return None
+            self.registry.promote(name, last.version, owner=owner, by=row["owner"])
+        except (RegistryError, OSError) as e:
+            log.warning("registering job %s failed: %s", row["id"], e)
+            return f"The model could not be added to the model registry: {e}", "warn"
+        return (f"Registered in the model registry as {name} ({len(by_step)} version(s); {name}@production is "
+                f"{last.ref})", "info")
 
 
 def _over_limit(message: str) -> APIError:

@@ -458,6 +458,7 @@ class WorkerPool:
         csv_bytes = result_csv(RunDir(jdir / "run").metrics_path)
         result_id = self.service.add_result_file(row["owner"], "step_metrics.csv", csv_bytes)
         problem = self._try_serve(name, str(weights), row)  # before `succeeded`: a client may call it at once
+        registered = self.service.register_job_model(row)  # likewise its registry name
         if not self.store.update_job(job_id, only_if_status=("running",), status="succeeded", finished_at=now(),
                                      fine_tuned_model=name, trained_tokens=int(result.get("tokens_seen") or 0),
                                      result_files=[result_id], estimated_finish=None, pid=None, step=step):
@@ -465,6 +466,8 @@ class WorkerPool:
         self.store.add_event(job_id, f"New fine-tuned model created: {name}")
         if problem:
             self.store.add_event(job_id, problem, level="warn")
+        if registered:
+            self.store.add_event(job_id, registered[0], level=registered[1])
         self.store.add_event(job_id, "The job has successfully completed")
 
     # ------------------------------------------------------------------ harvesting

@@ -58,11 +58,14 @@ def apply_finetune(
     elif gradient_checkpointing:
         model.enable_input_require_grads()
     pm = get_peft_model(model, peft_config(kind, lora, total_steps))
-    # Record the user's name for the base (not a cache path) so the adapter says what it belongs to.
+    # Record the base under a name other tools resolve (a built-in's hub id, an absolute path; never a cache
+    # path or a tunelab-only name), so the adapter says what it belongs to.
     base = getattr(model, "tunelab_base_name", None)
     if base:
+        from tunelab.model.names import portable_name
+
         for cfg in pm.peft_config.values():
-            cfg.base_model_name_or_path = base
+            cfg.base_model_name_or_path = portable_name(base)
     return pm
 
 

@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from tunelab.errors import TunelabError
+from tunelab.model.names import builtin_for
 
 log = logging.getLogger(__name__)
 
@@ -130,8 +131,23 @@ def convert_gguf(gguf: Path) -> Path:
     return out
 
 
+def _in_hub_cache(repo_id: str) -> bool:
+    from huggingface_hub import try_to_load_from_cache
+
+    try:
+        return isinstance(try_to_load_from_cache(repo_id, "config.json"), str)
+    except ValueError:  # not a valid repo id
+        return False
+
+
 def resolve_model(name: str, gguf_file: str | None = None) -> ResolvedModel:
     """Turn a `model:` value into something from_pretrained can read (converting GGUF once)."""
+    builtin = builtin_for(name)
+    if builtin is not None and not Path(name).expanduser().exists() and not _in_hub_cache(name):
+        # The hub id adapters record for a built-in (tunelab.model.names): the built-in is that model, shipped
+        # offline, so use it rather than download; a copy already in the local hub cache is used as is.
+        log.info("%s is not in the local hub cache: using the built-in %s", name, builtin)
+        name = builtin
     if name in BUILTIN_MODELS:
         return ResolvedModel(str(convert_gguf(_builtin_gguf(name))), display_name=name)
     p = Path(name).expanduser()

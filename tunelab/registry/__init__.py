@@ -4,6 +4,17 @@
 """
 
 from tunelab.registry.core import Registry
-from tunelab.registry.types import DEFAULT_ALIAS, Alias, Ref, RegistryError, Version, parse_ref, parse_split
+from tunelab.registry.types import (
+    DEFAULT_ALIAS,
+    LOCAL_OWNER,
+    Alias,
+    Ref,
+    RegistryError,
+    Version,
+    parse_ref,
+    parse_split,
+    registry_owner,
+)
 
-__all__ = ["DEFAULT_ALIAS", "Alias", "Ref", "Registry", "RegistryError", "Version", "parse_ref", "parse_split"]
+__all__ = ["DEFAULT_ALIAS", "LOCAL_OWNER", "Alias", "Ref", "Registry", "RegistryError", "Version", "parse_ref",
+           "parse_split", "registry_owner"]

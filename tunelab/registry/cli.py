@@ -11,7 +11,7 @@ import typer
 
 from tunelab.engine.cli import default_data_dir  # the same data dir as `tunelab serve`
 from tunelab.registry.core import Registry
-from tunelab.registry.types import DEFAULT_ALIAS, RegistryError, parse_ref, parse_split
+from tunelab.registry.types import DEFAULT_ALIAS, LOCAL_OWNER, RegistryError, parse_ref, parse_split
 
 registry_app = typer.Typer(no_args_is_help=True, help="Versioned models: register runs, aliases, A/B splits.")
 
@@ -20,6 +20,8 @@ DataDir = Annotated[Path | None, typer.Option("--data-dir", help="data dir (defa
 Spec = Annotated[str | None, typer.Option("--registry", help="storage: a SQLAlchemy URL or mlflow:TRACKING_URI "
                                                              "(default: the data dir's SQLite database)")]
 AsJson = Annotated[bool, typer.Option("--json", help="print JSON")]
+Owner = Annotated[str, typer.Option("--owner", help="whose names: an API key's owner on `tunelab serve` "
+                                                    "(default local: the CLI's, served when the server has no keys)")]
 
 
 def _open(data_dir: Path | None, spec: str | None) -> Registry:
@@ -30,23 +32,23 @@ def _print(obj: Any, as_json: bool, text: str) -> None:
     typer.echo(json.dumps(obj, indent=1, default=str) if as_json else text)
 
 
-def add(name: str, run: Path, data_dir: DataDir = None, registry: Spec = None, as_json: AsJson = False) -> None:
+def add(name: str, run: Path, data_dir: DataDir = None, registry: Spec = None, owner: Owner = LOCAL_OWNER, as_json: AsJson = False) -> None:
     """Register RUN (a finished run folder) as the next version of NAME."""
     reg = _open(data_dir, registry)
-    v = reg.add(name, run)
+    v = reg.add(name, run, owner=owner)
     _print(v.to_dict(), as_json, f"registered {v.ref} ({v.kind}, base {v.lineage.get('base_model')}) at {v.path}")
 
 
 def list_cmd(name: Annotated[str | None, typer.Argument()] = None, data_dir: DataDir = None,
-             registry: Spec = None, as_json: AsJson = False) -> None:
+             registry: Spec = None, owner: Owner = LOCAL_OWNER, as_json: AsJson = False) -> None:
     """Names, or one name's versions with their aliases."""
     reg = _open(data_dir, registry)
     if name is None:
-        names = reg.names()
+        names = reg.names(owner)
         _print(names, as_json, "\n".join(names) or "(the registry is empty)")
         return
-    aliases = reg.aliases(name)
-    vs = reg.versions(name)
+    aliases = reg.aliases(name, owner)
+    vs = reg.versions(name, owner)
     if not vs:
         raise RegistryError(f"model {name!r} is not in the registry", status=404)
     rows = []
@@ -58,16 +60,16 @@ def list_cmd(name: Annotated[str | None, typer.Argument()] = None, data_dir: Dat
     _print(rows, as_json, text)
 
 
-def show(ref: str, data_dir: DataDir = None, registry: Spec = None, as_json: AsJson = False) -> None:
+def show(ref: str, data_dir: DataDir = None, registry: Spec = None, owner: Owner = LOCAL_OWNER, as_json: AsJson = False) -> None:
     """One version (NAME@V, NAME@ALIAS, or NAME for its production alias): lineage, metrics, folder."""
     reg = _open(data_dir, registry)
-    v = reg.resolve(ref)
+    v = reg.resolve(ref, owner=owner)
     _print(v.to_dict(), as_json, json.dumps(v.to_dict(), indent=1, default=str))
 
 
-def diff(a: str, b: str, data_dir: DataDir = None, registry: Spec = None, as_json: AsJson = False) -> None:
+def diff(a: str, b: str, data_dir: DataDir = None, registry: Spec = None, owner: Owner = LOCAL_OWNER, as_json: AsJson = False) -> None:
     """Config, data and metrics of two versions side by side (only what differs)."""
-    d = _open(data_dir, registry).diff(a, b)
+    d = _open(data_dir, registry).diff(a, b, owner)
     lines = [f"{'':40} {d['a']:>20} {d['b']:>20}"]
     for section in ("config", "data", "lineage", "metrics"):
         for k, (x, y) in d[section].items():
@@ -75,41 +77,41 @@ def diff(a: str, b: str, data_dir: DataDir = None, registry: Spec = None, as_jso
     _print(d, as_json, "\n".join(lines) if len(lines) > 1 else f"{d['a']} and {d['b']}: no differences")
 
 
-def remove(ref: str, data_dir: DataDir = None, registry: Spec = None) -> None:
+def remove(ref: str, data_dir: DataDir = None, registry: Spec = None, owner: Owner = LOCAL_OWNER) -> None:
     """Remove NAME@V and its files (refused while an alias points at it)."""
     r = parse_ref(ref)
     if r.version is None:
         raise RegistryError("remove takes NAME@VERSION")
-    _open(data_dir, registry).remove(r.name, r.version)
+    _open(data_dir, registry).remove(r.name, r.version, owner)
     typer.echo(f"removed {r}")
 
 
 def alias(name: str, alias_name: Annotated[str, typer.Argument(metavar="ALIAS")], version: int,
-          data_dir: DataDir = None, registry: Spec = None) -> None:
+          data_dir: DataDir = None, registry: Spec = None, owner: Owner = LOCAL_OWNER) -> None:
     """Point ALIAS of NAME at VERSION."""
-    a = _open(data_dir, registry).alias(name, alias_name, version)
+    a = _open(data_dir, registry).alias(name, alias_name, version, owner=owner)
     typer.echo(f"{name}@{a.alias} -> {version}")
 
 
 def promote(name: str, version: int, to: Annotated[str, typer.Option(help="the alias to move")] = DEFAULT_ALIAS,
-            data_dir: DataDir = None, registry: Spec = None) -> None:
+            data_dir: DataDir = None, registry: Spec = None, owner: Owner = LOCAL_OWNER) -> None:
     """Move the production alias (or --to ALIAS) to VERSION."""
-    a = _open(data_dir, registry).promote(name, version, alias=to)
+    a = _open(data_dir, registry).promote(name, version, alias=to, owner=owner)
     typer.echo(f"{name}@{a.alias} -> {version}")
 
 
 def rollback(name: str, alias_name: Annotated[str, typer.Argument(metavar="ALIAS")] = DEFAULT_ALIAS,
-             data_dir: DataDir = None, registry: Spec = None) -> None:
+             data_dir: DataDir = None, registry: Spec = None, owner: Owner = LOCAL_OWNER) -> None:
     """Move ALIAS back to its previous target."""
-    a = _open(data_dir, registry).rollback(name, alias_name)
+    a = _open(data_dir, registry).rollback(name, alias_name, owner=owner)
     typer.echo(f"{name}@{a.alias} -> {', '.join(f'{v}={w:.0%}' for v, w in a.split.items())}")
 
 
 def route(name: str, alias_name: Annotated[str, typer.Argument(metavar="ALIAS")],
           split: Annotated[str, typer.Option(help="VERSION=WEIGHT,... e.g. 1=90,2=10")],
-          data_dir: DataDir = None, registry: Spec = None) -> None:
+          data_dir: DataDir = None, registry: Spec = None, owner: Owner = LOCAL_OWNER) -> None:
     """Split ALIAS across versions by weight (sticky per OpenAI `user`)."""
-    a = _open(data_dir, registry).route(name, alias_name, parse_split(split))
+    a = _open(data_dir, registry).route(name, alias_name, parse_split(split), owner=owner)
     typer.echo(f"{name}@{a.alias} -> {', '.join(f'{v}={w:.0%}' for v, w in a.split.items())}")
 
 

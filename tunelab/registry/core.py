@@ -112,10 +112,12 @@ def _base_model(run: Path, kind: str, weights: Path) -> tuple[str | None, str | 
     folder = Path(name)
     if not folder.is_dir():
         from tunelab.model.loading import BUILTIN_MODELS, resolve_model
+        from tunelab.model.names import builtin_for
 
-        if name not in BUILTIN_MODELS:
+        local = name if name in BUILTIN_MODELS else builtin_for(name)  # adapters record a built-in's hub id
+        if local is None:
             return name, None  # a hub id: its hash is the hub's business; we do not download to hash it
-        folder = Path(resolve_model(name).path)
+        folder = Path(resolve_model(local).path)
     files = list(folder.glob("*.safetensors"))
     return name, _sha256_files(files) if files else None
 
@@ -186,13 +188,15 @@ class Registry:
 
     # ---------------------------------------------------------------- versions
     def add(self, name: str, run: str | Path, *, owner: str = "local", created_by: str | None = None,
-            source: str | None = None, extra_metrics: dict[str, Any] | None = None) -> Version:
-        """Register a run folder (or a bare adapter/model folder) as the next version of `name`."""
+            source: str | None = None, extra_metrics: dict[str, Any] | None = None,
+            weights: str | Path | None = None, extra_lineage: dict[str, Any] | None = None) -> Version:
+        """Register a run folder (or a bare adapter/model folder) as the next version of `name`. `weights`: serve
+        this adapter/model folder instead of the run's final one (a checkpoint), keeping the run's lineage."""
         check_name(name)
         run = Path(run)
         if not run.is_dir():
             raise RegistryError(f"{run}: no such run folder", status=404, code="not_found")
-        kind, weights = run_weights(run)
+        kind, weights = run_weights(Path(weights) if weights is not None else run)
         base, base_hash = _base_model(run, kind, weights)
         manifest: dict[str, Any] = {}
         if (run / "manifest.json").is_file():
@@ -205,6 +209,7 @@ class Registry:
             "data": {k: v.get("sha256") for k, v in (manifest.get("data") or {}).items() if isinstance(v, dict)},
             "versions": manifest.get("versions"),
             "parent": previous[-1].version if previous else None,
+            **(extra_lineage or {}),
         }
         root = self.data_dir / "registry" / owner / name
         root.mkdir(parents=True, exist_ok=True)
@@ -242,6 +247,10 @@ class Registry:
 
     def names(self, owner: str = "local") -> list[str]:
         return self.backend.names(owner)
+
+    def exists(self, name: str, owner: str = "local") -> bool:
+        """Whether `owner` has a model called `name` (any version)."""
+        return bool(self.backend.versions_of(owner, check_name(name)))
 
     def remove(self, name: str, version: int, owner: str = "local") -> None:
         v = self.get(name, version, owner)

@@ -12,6 +12,7 @@ from typing import Any
 from tunelab.errors import TunelabError
 
 DEFAULT_ALIAS = "production"
+LOCAL_OWNER = "local"  # the CLI's owner, and the server's when it runs without API keys
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 _ALIAS = re.compile(r"^[A-Za-z][A-Za-z0-9_-]{0,63}$")
 
@@ -24,6 +25,12 @@ class RegistryError(TunelabError):
         super().__init__(message, exit_code=1)
         self.status = status
         self.code = code
+
+
+def registry_owner(owner: str, keyed: bool = True) -> str:
+    """The registry owner of an API owner (a key's owner, a job's owner): `local` when the server has no keys
+    (its requests and jobs are "anonymous"), so the CLI's registry is the one served."""
+    return owner if keyed and owner != "anonymous" else LOCAL_OWNER
 
 
 def check_name(name: str) -> str:

@@ -15,7 +15,7 @@ Extension points for other API areas (a fine-tuning jobs API, files, ...):
 from __future__ import annotations
 
 from collections.abc import Awaitable, Callable, Iterable
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from fastapi import APIRouter, Depends, FastAPI
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -24,8 +24,12 @@ from tunelab.engine.types import InferenceEngine
 from tunelab.server.auth import authenticate
 from tunelab.server.errors import APIError, install_error_handlers
 from tunelab.server.routes import router as openai_router
+from tunelab.server.routing import Routing, metrics_router
 from tunelab.server.serving import OpenAIServing
 from tunelab.server.settings import ServerSettings
+
+if TYPE_CHECKING:
+    from tunelab.registry import Registry
 
 
 class LimitsMiddleware:
@@ -143,6 +147,7 @@ def create_app(
     serving_factory: Callable[[InferenceEngine, ServerSettings], OpenAIServing] = OpenAIServing,
     on_shutdown: Callable[[], Awaitable[None]] | None = None,
     console: bool = True,
+    registry: Registry | None = None,
 ) -> FastAPI:
     """Build the app serving `engine`. The engine's lifetime is the caller's: `create_app` never closes it."""
     settings = settings or ServerSettings()
@@ -156,10 +161,14 @@ def create_app(
     )
     app.state.engine = engine
     app.state.settings = settings
-    app.state.serving = serving_factory(engine, settings)
+    # Registry names, the version header and /metrics (tunelab.server.routing); the serving layer's engine is
+    # the routing view of `engine`.
+    app.state.routing = Routing(engine, registry)
+    app.state.serving = serving_factory(app.state.routing.engine_view, settings)
     app.state.draining = False
     install_error_handlers(app)
     app.include_router(openai_router)
+    app.include_router(metrics_router)
     for extra in extra_routers:
         app.include_router(extra)
     if console:  # the web console at / (its own cookie sign-in; see tunelab.console)

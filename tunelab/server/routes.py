@@ -14,6 +14,7 @@ from fastapi.responses import JSONResponse, Response
 from tunelab.server.auth import Principal, authenticate
 from tunelab.server.errors import APIError
 from tunelab.server.protocol import ChatCompletionRequest, CompletionRequest, ModelCard, ModelList
+from tunelab.server.routing import RoutedServing, Routing, Serving
 from tunelab.server.serving import OpenAIServing
 
 router = APIRouter()
@@ -24,13 +25,21 @@ def get_serving(request: Request) -> OpenAIServing:
     return serving
 
 
+def get_routed(request: Request, serving: Serving = Depends(get_serving),
+               who: Principal = Depends(authenticate)) -> RoutedServing:
+    """The caller's view of the serving layer (`get_serving`, which the jobs API overrides with its owner-scoped
+    one): registry names resolved, the version header and metrics (tunelab.server.routing)."""
+    routing: Routing = request.app.state.routing
+    return routing.view(serving, who)
+
+
 @router.get("/v1/models", response_model=ModelList)
-async def list_models(serving: OpenAIServing = Depends(get_serving)) -> ModelList:
+async def list_models(serving: RoutedServing = Depends(get_routed)) -> ModelList:
     return serving.models()
 
 
 @router.get("/v1/models/{model_id:path}", response_model=ModelCard)
-async def get_model(model_id: str, serving: OpenAIServing = Depends(get_serving)) -> ModelCard:
+async def get_model(model_id: str, serving: RoutedServing = Depends(get_routed)) -> ModelCard:
     for card in serving.models().data:
         if card.id == model_id:
             return card
@@ -39,21 +48,21 @@ async def get_model(model_id: str, serving: OpenAIServing = Depends(get_serving)
 
 @router.post("/v1/chat/completions")
 async def chat_completions(
-    body: ChatCompletionRequest, request: Request, serving: OpenAIServing = Depends(get_serving)
+    body: ChatCompletionRequest, request: Request, serving: RoutedServing = Depends(get_routed)
 ) -> Response:
     return await serving.chat(body, request)
 
 
 @router.post("/v1/completions")
 async def completions(
-    body: CompletionRequest, request: Request, serving: OpenAIServing = Depends(get_serving)
+    body: CompletionRequest, request: Request, serving: RoutedServing = Depends(get_routed)
 ) -> Response:
     return await serving.completions(body, request)
 
 
 @router.get("/health")
 async def health(
-    request: Request, principal: Principal = Depends(authenticate), serving: OpenAIServing = Depends(get_serving)
+    request: Request, principal: Principal = Depends(authenticate), serving: RoutedServing = Depends(get_routed)
 ) -> Response:
     """`{"status": "ok"}` for everyone; an admin key also gets the engine's details, limited to the models
     that key may see (other owners' model names, and how many there are, stay hidden)."""
