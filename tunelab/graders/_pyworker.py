@@ -1,4 +1,4 @@
-"""The python grader's worker: run with `python -I _pyworker.py MEMORY_BYTES` by tunelab.graders.sandbox.
+"""The python grader's worker: run with `python -I _pyworker.py MEMORY_BYTES PARENT_PID` by tunelab.graders.sandbox.
 
 Stdlib only (it is started with -I, without tunelab on the path). Before the user's code runs it limits its own
 address space, file size and core dumps (resource.setrlimit), moves fd 1 so the code's prints go to stderr,
@@ -12,6 +12,8 @@ import math
 import os
 import resource
 import sys
+import threading
+import time
 import traceback
 
 BLOCKED = ("socket.", "subprocess.", "os.system", "os.exec", "os.posix_spawn", "os.spawn", "os.fork", "os.forkpty",
@@ -23,8 +25,16 @@ def _audit(event, args):
         raise PermissionError(f"{event} is not allowed in a grader (no network, no processes)")
 
 
+def _watch(parent):
+    while True:  # a thread: it runs even while grade() loops, so an orphaned worker never outlives its job
+        if os.getppid() != parent:
+            os._exit(70)
+        time.sleep(0.5)
+
+
 def main():
     mem = int(sys.argv[1])
+    threading.Thread(target=_watch, args=(int(sys.argv[2]),), daemon=True).start()
     resource.setrlimit(resource.RLIMIT_AS, (mem, mem))
     resource.setrlimit(resource.RLIMIT_FSIZE, (16 * 1024 * 1024, 16 * 1024 * 1024))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
@@ -39,7 +49,7 @@ def main():
 
     source = json.loads(proto_in.readline())["source"]
     sys.addaudithook(_audit)
-    ns = {"__name__": "grader"}
+    ns: dict = {"__name__": "grader"}
     try:
         exec(compile(source, "<grader source>", "exec"), ns)
         grade = ns["grade"]

@@ -63,7 +63,7 @@ def evaluate(tree: ast.Expression, scores: dict[str, float]) -> float:
         if isinstance(node, ast.Expression):
             return ev(node.body)
         if isinstance(node, ast.Constant):
-            return float(node.value)
+            return float(node.value)  # type: ignore[arg-type]  # parse_formula admitted numbers only
         if isinstance(node, ast.Name):
             return float(scores[node.id])
         if isinstance(node, ast.UnaryOp):
@@ -75,6 +75,7 @@ def evaluate(tree: ast.Expression, scores: dict[str, float]) -> float:
                 raise ValueError("exponent larger than 64")
             return float(_BINARY[type(node.op)](a, b))
         if isinstance(node, ast.Call):
+            assert isinstance(node.func, ast.Name)
             return float(FUNCTIONS[node.func.id](*(ev(a) for a in node.args)))
         raise ValueError(type(node).__name__)  # parse_formula admitted nothing else
 

@@ -3,7 +3,8 @@
 One worker process per grader (tunelab/graders/_pyworker.py under `python -I`), started once and fed one
 sample at a time over a pipe, so a training step pays the interpreter start once, not per completion. Limits:
   * time: each `grade()` call must answer within `timeout_s` (wall clock) or the worker's process group is
-    killed and the call raises GraderError naming the grader;
+    killed and the call raises GraderError naming the grader (and
+    the worker exits by itself if its parent dies);
   * memory: RLIMIT_AS of `memory_mb` in the worker (a MemoryError inside grade() is reported as its error);
   * network: the worker runs in a fresh network namespace (`unshare -rn`: only a downed loopback) where this
     system permits unprivileged user namespaces, and always under an audit hook that refuses sockets, name
@@ -17,7 +18,6 @@ import json
 import os
 import select
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -60,9 +60,9 @@ class PythonSandbox:
         self._err = tempfile.TemporaryFile()
         env = {"PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HOME": self._cwd.name, "LANG": "C.UTF-8",
                "OMP_NUM_THREADS": "1", "OPENBLAS_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-        proc = subprocess.Popen([*prefix, sys.executable, "-I", str(WORKER), str(self.memory_mb * 1024 * 1024)],
+        proc = subprocess.Popen([*prefix, sys.executable, "-I", str(WORKER), str(self.memory_mb * 1024 * 1024), str(os.getpid())],
                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self._err, cwd=self._cwd.name,
-                                env=env, start_new_session=True)
+                                env=env)  # in the caller's process group: killing a job's group kills it too
         self.proc, self._buf = proc, b""
         self._send({"source": self.source})
         reply = self._recv(STARTUP_S + self.timeout_s, "loading its source")
@@ -74,10 +74,7 @@ class PythonSandbox:
     def close(self) -> None:
         proc, self.proc = self.proc, None
         if proc is not None and proc.poll() is None:
-            try:
-                os.killpg(proc.pid, signal.SIGKILL)
-            except (ProcessLookupError, PermissionError):
-                proc.kill()
+            proc.kill()  # it can start no processes of its own
             proc.wait(timeout=30)
         if proc is not None:
             for f in (proc.stdin, proc.stdout):
