@@ -1,0 +1,133 @@
+"""Reinforcement fine-tuning jobs through the official `openai` client against a live server on the tiny model.
+
+The task: tiny arithmetic prompts whose answer is always 7 ("What is 3+4?"), graded by OpenAI's string_check
+(`like`: the output contains `{{item.answer}}`); the training file's extra field `answer` is the item. A random
+2-layer model emits a "7" in a few percent of its 8-token samples; GRPO (8 per prompt, LoRA, lr 1e-2, seeded)
+must raise the mean reward. Also: a python grader that loops forever is killed and fails the job with an error
+naming it; a python grader cannot connect to the server (graders/run); invalid graders and reinforcement
+hyperparameters we cannot honour are 400s naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+from urllib.parse import urlparse
+
+import openai
+import pytest
+from conftest import BASE, Server, wait_status
+
+OUT = "{{sample.output_text}}"
+SEVEN = {"type": "string_check", "name": "says-seven", "input": OUT, "reference": "{{item.answer}}",
+         "operation": "like"}
+
+
+def rows(pairs: list[tuple[int, int]]) -> bytes:
+    lines = [{"messages": [{"role": "user", "content": f"What is {a}+{b}?"}], "answer": str(a + b), "id": f"q{a}"}
+             for a, b in pairs]
+    return "".join(json.dumps(r) + "\n" for r in lines).encode()
+
+
+@pytest.fixture(scope="module")
+def files(server: Server) -> dict[str, str]:
+    c = server.client()
+    train = c.files.create(file=("rft.jsonl", rows([(a, 7 - a) for a in range(8)] + [(a, 7 - a) for a in range(4)])),
+                           purpose="fine-tune")
+    valid = c.files.create(file=("rft-valid.jsonl", rows([(a, 7 - a) for a in range(4, 8)])), purpose="fine-tune")
+    return {"train": train.id, "valid": valid.id}
+
+
+def create(server: Server, files: dict[str, str], grader: dict[str, Any], hp: dict[str, Any] | None = None,
+           valid: bool = False, **tunelab: Any) -> Any:
+    return server.client().fine_tuning.jobs.create(
+        model=BASE, training_file=files["train"], validation_file=files["valid"] if valid else None, seed=3,
+        method={"type": "reinforcement", "reinforcement": {"grader": grader, "hyperparameters": hp or {}}},  # type: ignore[typeddict-item]
+        extra_body={"tunelab": {"max_new_tokens": 8, "learning_rate": 0.01, "kl_coef": 0.0, **tunelab}})
+
+
+def metric_events(server: Server, job_id: str) -> list[dict[str, Any]]:
+    evs = list(server.client().fine_tuning.jobs.list_events(job_id, limit=100))
+    return sorted((e.data for e in evs if e.type == "metrics"), key=lambda d: d["step"])
+
+
+def test_string_check_job_raises_mean_reward(server: Server, files: dict[str, str]) -> None:
+    job = create(server, files, SEVEN, {"batch_size": 4, "compute_multiplier": 2, "eval_interval": 5}, valid=True,
+                 max_steps=10)
+    assert job.method.type == "reinforcement"
+    done = wait_status(server.client(), job.id, timeout=400)
+    assert done.status == "succeeded", done.error
+    assert done.hyperparameters.batch_size == 4
+    data = metric_events(server, job.id)
+    rewards = [d["train_reward_mean"] for d in data]
+    assert len(rewards) == 10, data
+    first, last = sum(rewards[:3]) / 3, sum(rewards[-3:]) / 3
+    assert last > first + 0.2, rewards
+    valid = [d for d in data if "valid_reward_mean" in d]
+    assert [d["step"] for d in valid] == [5, 10] and all(0 <= d["valid_reward_mean"] <= 1 for d in valid)
+    evs = [e.message for e in server.client().fine_tuning.jobs.list_events(job.id, limit=100)]
+    assert any("mean reward=" in m for m in evs)
+    assert done.fine_tuned_model
+
+
+def test_python_grader_that_never_returns_fails_the_job(server: Server, files: dict[str, str]) -> None:
+    forever = {"type": "python", "name": "forever", "source": "def grade(sample, item):\n    while True:\n        pass\n"}
+    job = create(server, files, forever, {"batch_size": 2, "compute_multiplier": 0.5}, max_steps=2,
+                 grader_timeout_s=2)
+    done = wait_status(server.client(), job.id, timeout=300)
+    assert done.status == "failed"
+    assert "python grader 'forever' did not finish grade() within 2s" in done.error.message, done.error
+    assert "rft.jsonl" not in done.error.message or "line" in done.error.message
+
+
+def test_python_grader_cannot_reach_the_server(server: Server) -> None:
+    port = urlparse(server.url).port
+    src = ("import socket\n"
+           "def grade(sample, item):\n"
+           "    try:\n"
+           f"        socket.create_connection(('127.0.0.1', {port}), timeout=2).close()\n"
+           "        return 1.0\n"
+           "    except OSError:\n"
+           "        return 0.0\n")
+    c = server.client()
+    out = c.post("/fine_tuning/alpha/graders/run", cast_to=object,
+                 body={"grader": {"type": "python", "name": "net", "source": src}, "model_sample": "x"})
+    assert out["reward"] == 0.0 and not out["metadata"]["errors"]["python_grader_runtime_error"], out  # type: ignore[index]
+    ok = c.post("/fine_tuning/alpha/graders/run", cast_to=object,
+                body={"grader": SEVEN, "model_sample": "it is 7", "item": {"answer": "7"}})
+    assert ok["reward"] == 1.0  # type: ignore[index]
+
+
+@pytest.mark.parametrize(("grader", "hp", "param"), [
+    ({**SEVEN, "operation": "contains"}, {}, "method.reinforcement.grader.operation"),
+    ({"type": "regex", "name": "r"}, {}, "method.reinforcement.grader.type"),
+    ({"type": "python", "name": "p", "source": "print(1)"}, {}, "method.reinforcement.grader.source"),
+    ({"type": "multi", "name": "m", "graders": {"a": SEVEN}, "calculate_output": "__import__('os')"}, {},
+     "method.reinforcement.grader.calculate_output"),
+    ({"type": "score_model", "name": "j", "model": "gpt-4o", "input": [{"role": "user", "content": OUT}]}, {},
+     "method.reinforcement.grader.model"),
+    (SEVEN, {"reasoning_effort": "high"}, "method.reinforcement.hyperparameters.reasoning_effort"),
+    (SEVEN, {"eval_samples": 4}, "method.reinforcement.hyperparameters.eval_samples"),
+    (SEVEN, {"compute_multiplier": 100}, "method.reinforcement.hyperparameters.compute_multiplier"),
+])
+def test_invalid_graders_are_400s_naming_the_field(server: Server, files: dict[str, str], grader: dict[str, Any],
+                                                   hp: dict[str, Any], param: str) -> None:
+    with pytest.raises(openai.BadRequestError) as e:
+        create(server, files, grader, hp)
+    assert e.value.param == param, e.value.body
+
+
+def test_graders_validate_endpoint(server: Server) -> None:
+    c = server.client()
+    assert c.post("/fine_tuning/alpha/graders/validate", cast_to=object, body={"grader": SEVEN}) == {"grader": SEVEN}
+    with pytest.raises(openai.BadRequestError) as e:
+        c.post("/fine_tuning/alpha/graders/validate", cast_to=object, body={"grader": {**SEVEN, "input": "{{x}}"}})
+    assert e.value.param == "grader.input"
+
+
+def test_missing_item_field_is_a_training_file_error(server: Server, files: dict[str, str]) -> None:
+    grader = {**SEVEN, "reference": "{{item.expected}}"}
+    job = create(server, files, grader, {"batch_size": 2}, max_steps=1)
+    done = wait_status(server.client(), job.id, timeout=200)
+    assert done.status == "failed" and done.error.param == "training_file"
+    assert "line 1, field expected" in done.error.message, done.error
