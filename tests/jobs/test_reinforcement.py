@@ -12,6 +12,7 @@ hyperparameters we cannot honour are 400s naming the field.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 from urllib.parse import urlparse
 
@@ -131,3 +132,45 @@ def test_missing_item_field_is_a_training_file_error(server: Server, files: dict
     done = wait_status(server.client(), job.id, timeout=200)
     assert done.status == "failed" and done.error.param == "training_file"
     assert "line 1, field expected" in done.error.message, done.error
+
+
+def test_reinforcement_maps_onto_grpo() -> None:
+    """In-process: compute_multiplier 2 -> 8 completions per prompt; eval_interval -> eval_every; the grader
+    travels in the config; the resolved hyperparameters say what ran."""
+    from tunelab.jobs import hyper
+
+    req = hyper.JobCreate.model_validate({
+        "model": "b", "training_file": "file-1", "seed": 1,
+        "method": {"type": "reinforcement", "reinforcement": {"grader": FIVE, "hyperparameters": {
+            "n_epochs": 2, "batch_size": 4, "compute_multiplier": 2, "eval_interval": 3, "eval_samples": 1,
+            "reasoning_effort": "default"}}},
+        "tunelab": {"max_new_tokens": 12, "kl_coef": 0.1}})
+    cfg, resolved = hyper.build_config(base_model="b", train_path="t.jsonl", valid_path="v.jsonl", output_dir="o",
+                                       req=req, n_examples=40)
+    assert cfg.method == "grpo" and cfg.grpo is not None
+    assert (cfg.grpo.group_size, cfg.grpo.kl_coef, cfg.grpo.generation.max_new_tokens) == (8, 0.1, 12)
+    assert cfg.grpo.grader == FIVE and cfg.train.eval_every == 3 and cfg.train.epochs == 2
+    assert resolved == {"n_epochs": 2, "batch_size": 4, "learning_rate_multiplier": 1.0, "eval_interval": 3,
+                        "eval_samples": 1, "compute_multiplier": 2.0, "reasoning_effort": "default"}
+    with pytest.raises(hyper.OptionError) as e:  # an RL-only option on a supervised job
+        hyper.build_config(base_model="b", train_path="t", valid_path=None, output_dir="o", n_examples=10,
+                           req=hyper.JobCreate.model_validate({"model": "b", "training_file": "f",
+                                                               "tunelab": {"max_new_tokens": 8}}))
+    assert e.value.param == "tunelab.max_new_tokens"
+
+
+def test_reward_fields_join_the_metrics_events(tmp_path: Path) -> None:
+    from tunelab.jobs.harvest import Event
+    from tunelab.jobs.workers import with_rewards
+
+    p = tmp_path / "metrics.jsonl"
+    lines = [{"step": 0, "baseline": True, "valid_reward": 0.25}, {"step": 1, "train_loss": 0.1, "train_reward": 0.5},
+             {"step": 1, "valid_reward": 0.75}]
+    p.write_text("".join(json.dumps(m) + "\n" for m in lines))
+    evs = [Event("Baseline (before training): validation loss=nan"),
+           Event("Step 1/2: training loss=0.1000", type="metrics", data={"step": 1, "train_loss": 0.1})]
+    out = with_rewards(p, 0, p.stat().st_size, evs)
+    assert out[0].message == "Baseline (before training): validation mean reward=0.2500"
+    assert out[1].data == {"step": 1, "train_loss": 0.1, "train_reward_mean": 0.5, "valid_reward_mean": 0.75,
+                           "full_valid_reward_mean": 0.75}
+    assert out[1].message.endswith("mean reward=0.5000, validation mean reward=0.7500")
