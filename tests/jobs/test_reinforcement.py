@@ -174,3 +174,19 @@ def test_reward_fields_join_the_metrics_events(tmp_path: Path) -> None:
     assert out[1].data == {"step": 1, "train_loss": 0.1, "train_reward_mean": 0.5, "valid_reward_mean": 0.75,
                            "full_valid_reward_mean": 0.75}
     assert out[1].message.endswith("mean reward=0.5000, validation mean reward=0.7500")
+
+
+def test_multi_grader_with_the_base_as_judge_and_python(server: Server, files: dict[str, str]) -> None:
+    """A multi grader in a training job: score_model graded by the base model being trained (adapters off,
+    in the training process), a python grader in its sandbox, combined by the formula."""
+    grader = {"type": "multi", "name": "mix", "calculate_output": "0.5 * judge + 0.5 * short", "graders": {
+        "judge": {"type": "score_model", "name": "judge", "model": BASE, "range": [0, 1],
+                  "input": [{"role": "user", "content": "Rate {{sample.output_text}} for {{item.answer}}"}],
+                  "sampling_params": {"max_completions_tokens": 4}},
+        "short": {"type": "python", "name": "short",
+                  "source": "def grade(sample, item):\n    return 1.0 if len(sample['output_text']) < 4 else 0.0\n"}}}
+    job = create(server, files, grader, {"batch_size": 2, "compute_multiplier": 0.5}, max_steps=1)
+    done = wait_status(server.client(), job.id, timeout=300)
+    assert done.status == "succeeded", done.error
+    (data,) = metric_events(server, job.id)
+    assert 0.0 <= data["train_reward_mean"] <= 1.0
