@@ -205,12 +205,27 @@ class GRPOConfig(_Strict):
     rewards: list[GRPOReward] = []
     reward_model: str | None = None
     """A run folder written by `method: reward`, scored in addition to (or instead of) `rewards`."""
+    grader: dict[str, Any] | None = None
+    """An OpenAI grader object (tunelab/graders), scored in addition to (or instead of) the others; its `item`
+    fields come from `<data file>.items.jsonl` next to each data file (one JSON object per line)."""
+    grader_timeout_s: float = Field(default=10.0, gt=0, le=600)
+    """Wall-clock seconds one python grader call may take before its process is killed."""
+    grader_memory_mb: int = Field(default=1024, ge=64)
+    """Address-space limit of a python grader's process."""
     generation: GenerationConfig = GenerationConfig()
 
     @model_validator(mode="after")
     def _some_reward(self) -> GRPOConfig:
-        if not self.rewards and not self.reward_model:
-            raise ValueError("grpo needs `rewards` (json_valid, json_schema, regex, length) or a `reward_model`")
+        if not self.rewards and not self.reward_model and not self.grader:
+            raise ValueError("grpo needs `rewards` (json_valid, json_schema, regex, length), a `reward_model` "
+                             "or a `grader`")
+        if self.grader is not None:
+            from tunelab.graders import GraderError, parse_grader
+
+            try:
+                parse_grader(self.grader, "grpo.grader")
+            except GraderError as e:
+                raise ValueError(e.message) from None
         return self
 
 

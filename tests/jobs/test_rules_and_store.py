@@ -57,7 +57,7 @@ def test_method_hyperparameters_win_and_dpo_beta() -> None:
 @pytest.mark.parametrize(("kw", "param"), [
     ({"metadata": {"tunelab.max_steps": "0"}}, "tunelab.max_steps"),
     ({"metadata": {"tunelab.finetune": "magic"}}, "tunelab.finetune"),
-    ({"method": {"type": "reinforcement"}}, "method.type"),
+    ({"method": {"type": "reinforcement"}}, "method.reinforcement"),  # it needs its grader
 ])
 def test_bad_options_name_their_parameter(kw: dict[str, object], param: str) -> None:
     with pytest.raises(hyper.OptionError) as e:

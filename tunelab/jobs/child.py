@@ -76,6 +76,46 @@ def openai_preference_to_tunelab(path: Path) -> bool:
     return changed
 
 
+def openai_rft_to_tunelab(path: Path, grader: dict[str, Any], label: str) -> dict[str, Any] | None:
+    """OpenAI's reinforcement lines ({"messages": [...prompt...], ...extra fields}) become tunelab's
+    conversation lines, one for one: the extra fields move to `<file>.items.jsonl` (the grader's `item`, line by
+    line) and an empty assistant turn closes the prompt (GRPO samples it). Every `{{item.X}}` the grader reads
+    must be in every line. Returns an error result naming the line and field, or None."""
+    from tunelab.data.readers import TOP_KEYS
+    from tunelab.graders import parse_grader
+    from tunelab.graders.spec import item_fields
+    from tunelab.graders.template import lookup
+
+    needed = sorted(item_fields(parse_grader(grader, "method.reinforcement.grader")))
+    out, items = [], []
+    for n, raw in enumerate(path.read_text(encoding="utf-8").splitlines(), 1):
+        try:
+            obj = json.loads(raw) if raw.strip() else None
+        except json.JSONDecodeError:
+            obj = None
+        item: dict[str, Any] = {}
+        if isinstance(obj, dict) and isinstance(obj.get("messages"), list):
+            item = {k: v for k, v in obj.items() if k not in TOP_KEYS["messages"]}
+            for p in needed:
+                if not lookup(item, p)[0]:
+                    return {"ok": False, "code": f"invalid_{'training' if path.name == 'train.jsonl' else 'validation'}"
+                            "_file", "param": FILE_PARAMS.get(path.name),
+                            "message": f"{label}, line {n}, field {'.'.join(p)}: the grader reads "
+                                       f"{{{{item.{'.'.join(p)}}}}}, which this line does not have"}
+            msgs = obj["messages"]
+            if not msgs or not isinstance(msgs[-1], dict) or msgs[-1].get("role") != "assistant":
+                msgs = [*msgs, {"role": "assistant", "content": ""}]
+            raw = json.dumps({"messages": msgs, **{k: obj[k] for k in obj if k in TOP_KEYS["messages"]
+                                                   and k != "messages"}}, ensure_ascii=False)
+        out.append(raw)
+        items.append(json.dumps(item, ensure_ascii=False))
+    for dest, lines in ((path, out), (path.with_suffix(".items.jsonl"), items)):
+        tmp = dest.with_name(dest.name + ".tmp")
+        tmp.write_text("\n".join(lines) + "\n", encoding="utf-8")
+        os.replace(tmp, dest)  # never written through: the data file may be a hard link to the upload
+    return None
+
+
 def validate(job_dir: Path) -> dict[str, Any]:
     """Validate the job's files with the base model's tokenizer, as `tunelab train` would."""
     from tunelab.config import load_config
@@ -97,6 +137,11 @@ def validate(job_dir: Path) -> dict[str, Any]:
         path = job_dir / "data" / name
         if expect == "preference":
             openai_preference_to_tunelab(path)
+        if cfg.method == "grpo" and cfg.grpo is not None and cfg.grpo.grader is not None \
+                and not path.with_suffix(".items.jsonl").exists():
+            problem = openai_rft_to_tunelab(path, cfg.grpo.grader, label)
+            if problem is not None:
+                return problem
         is_train = name == "train.jsonl"
         # The job's own label rule and system prompt: trained_tokens must be what training will count.
         rep = validate_file(path, tok, cfg.data.max_seq_len, expect=expect,

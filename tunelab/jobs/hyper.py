@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import string
 from typing import Any, Literal
 
@@ -51,6 +52,14 @@ RANGES: dict[str, tuple[float, float, bool, str]] = {
     "micro_batch_size": (1, 256, False, "the largest batch_size"),
     "learning_rate": (0, MAX_LR, True, "rates past 1e-2 diverge for every kind of fine-tuning"),
     "warmup_ratio": (0, 0.9, False, "the share of steps spent warming up"),
+    "eval_interval": (1, 1_000_000, False, "training steps between validation runs"),
+    "eval_samples": (1, 1, False, "each validation prompt is sampled once here"),
+    "compute_multiplier": (0, 8, True, "x4 completions per prompt (GRPO's group); past 8 (32 per prompt) a step "
+                           "is mostly sampling"),
+    "max_new_tokens": (1, 4096, False, "tokens sampled per completion in reinforcement jobs"),
+    "temperature": (0, 2, True, "sampling temperature of the rollouts"),
+    "kl_coef": (0, 10, False, "the KL penalty against the base model"),
+    "grader_timeout_s": (0, 600, True, "seconds one python grader call may take"),
 }
 
 
@@ -83,11 +92,29 @@ class _MethodHyper(_Req):
     hyperparameters: Hyperparameters | None = None
 
 
+class ReinforcementHyperparameters(_Req):
+    """OpenAI's reinforcement hyperparameters. eval_samples other than 1 and reasoning_effort other than
+    "default" are refused (build_config says why); the others are honoured."""
+
+    n_epochs: int | Auto | None = None
+    batch_size: int | Auto | None = None
+    learning_rate_multiplier: float | Auto | None = None
+    eval_interval: int | Auto | None = None
+    eval_samples: int | Auto | None = None
+    compute_multiplier: float | Auto | None = None
+    reasoning_effort: Literal["default", "low", "medium", "high"] | None = None
+
+
+class Reinforcement(_Req):
+    grader: dict[str, Any]
+    hyperparameters: ReinforcementHyperparameters | None = None
+
+
 class Method(_Req):
     type: Literal["supervised", "dpo", "reinforcement"]
     supervised: _MethodHyper | None = None
     dpo: _MethodHyper | None = None
-    reinforcement: dict[str, Any] | None = None
+    reinforcement: Reinforcement | None = None
 
 
 class TunelabOptions(_Req):
@@ -111,6 +138,14 @@ class TunelabOptions(_Req):
     train_on: Literal["assistant", "all", "last_assistant"] | None = None
     gradient_checkpointing: bool | None = None
     early_stopping: bool | None = None
+    max_new_tokens: int | None = None
+    """Reinforcement jobs: tokens sampled per completion (default 64)."""
+    temperature: float | None = None
+    """Reinforcement jobs: the rollouts' sampling temperature (default 1.0)."""
+    kl_coef: float | None = None
+    """Reinforcement jobs: GRPO's KL penalty against the base model (default 0.04)."""
+    grader_timeout_s: float | None = None
+    """Reinforcement jobs: seconds one python grader call may take (default 10)."""
 
     @field_validator("target_modules")
     @classmethod
@@ -171,10 +206,10 @@ def requested_hyperparameters(req: JobCreate) -> Hyperparameters:
     """The hyperparameters in force: `method.<type>.hyperparameters` wins over the top-level (deprecated) ones."""
     top = req.hyperparameters or Hyperparameters()
     section = getattr(req.method, method_type(req), None) if req.method else None
-    inner = section.hyperparameters if isinstance(section, _MethodHyper) and section.hyperparameters else None
+    inner = section.hyperparameters if isinstance(section, _MethodHyper | Reinforcement) else None
     merged = top.model_dump(exclude_none=True)
-    if inner is not None:
-        merged.update(inner.model_dump(exclude_none=True))
+    if inner is not None:  # reinforcement's own ones are read by build_config
+        merged.update(inner.model_dump(exclude_none=True, include=set(Hyperparameters.model_fields)))
     return Hyperparameters.model_validate(merged)
 
 
@@ -278,8 +313,10 @@ def build_config(
         raw["method"] = "dpo"
         _set(raw, "dpo.beta", 0.1 if hp.beta in (None, "auto") else float(hp.beta))  # type: ignore[arg-type]
     elif mtype == "reinforcement":
-        raise OptionError("method 'reinforcement' is not supported by this server (use supervised or dpo)",
-                          param="method.type")
+        _reinforcement(raw, req, opts, has_valid=bool(valid_path))
+    for name in RL_OPTIONS:
+        if mtype != "reinforcement" and getattr(opts, name) is not None:
+            raise OptionError(f"tunelab option {name!r} applies to reinforcement jobs only", param=f"tunelab.{name}")
     for k, v in server_sets:
         _set(raw, k, v)
     mapping = {"lora_r": "lora.r", "lora_alpha": "lora.alpha", "lora_dropout": "lora.dropout",
@@ -312,7 +349,74 @@ def build_config(
     }
     if mtype == "dpo":
         resolved["beta"] = cfg.dpo.beta
+    if mtype == "reinforcement":
+        assert cfg.grpo is not None
+        resolved.update(eval_interval=cfg.train.eval_every or None, eval_samples=1,
+                        compute_multiplier=cfg.grpo.group_size / GROUP_PER_COMPUTE, reasoning_effort="default")
     return cfg, resolved
+
+
+# ---------------------------------------------------------------------------------------------- reinforcement
+GROUP_PER_COMPUTE = 4  # completions per prompt at compute_multiplier 1
+RL_OPTIONS = ("max_new_tokens", "temperature", "kl_coef", "grader_timeout_s")
+
+
+def _reinforcement(raw: dict[str, Any], req: JobCreate, opts: TunelabOptions, *, has_valid: bool) -> None:
+    """OpenAI's reinforcement method as tunelab's GRPO: the grader is the reward, compute_multiplier scales the
+    group of completions per prompt, eval_interval is the validation interval."""
+    from tunelab.graders import GraderError, parse_grader
+
+    rft = req.method.reinforcement if req.method else None
+    if rft is None:
+        raise OptionError("method.reinforcement: is required for method type 'reinforcement' (with a `grader`)",
+                          param="method.reinforcement")
+    try:
+        parse_grader(rft.grader, "method.reinforcement.grader")
+    except GraderError as e:
+        raise OptionError(e.message, param=e.param or "method.reinforcement.grader") from None
+    hp = rft.hyperparameters or ReinforcementHyperparameters()
+    if hp.reasoning_effort not in (None, "default"):
+        raise OptionError(f"method.reinforcement.hyperparameters.reasoning_effort: {hp.reasoning_effort!r} is not "
+                          "supported: the models this server fine-tunes are not reasoning models (use 'default')",
+                          param="method.reinforcement.hyperparameters.reasoning_effort")
+    cm = 1.0 if hp.compute_multiplier in (None, "auto") else float(hp.compute_multiplier)  # type: ignore[arg-type]
+    grpo: dict[str, Any] = {"group_size": max(2, min(32, round(GROUP_PER_COMPUTE * cm))), "grader": rft.grader,
+                            "generation": {"max_new_tokens": opts.max_new_tokens or 64,
+                                           "temperature": opts.temperature or 1.0}}
+    if opts.kl_coef is not None:
+        grpo["kl_coef"] = opts.kl_coef
+    if opts.grader_timeout_s is not None:
+        grpo["grader_timeout_s"] = opts.grader_timeout_s
+    raw["method"], raw["grpo"] = "grpo", grpo
+    if has_valid and hp.eval_interval not in (None, "auto"):
+        _set(raw, "train.eval_every", int(hp.eval_interval))  # type: ignore[arg-type]
+
+
+def check_reinforcement(req: JobCreate, served_names: tuple[str, ...]) -> None:
+    """What the request schema cannot know: a model grader's `model` must be this server's base unless the
+    server names another endpoint for graders (TUNELAB_GRADER_BASE_URL)."""
+    from tunelab.graders import GraderError, parse_grader
+    from tunelab.graders.model import ENV_URL
+    from tunelab.graders.spec import LabelModel, Multi, ScoreModel
+
+    rft = req.method.reinforcement if req.method and req.method.type == "reinforcement" else None
+    if rft is None or os.environ.get(ENV_URL):
+        return
+    try:
+        spec = parse_grader(rft.grader, "method.reinforcement.grader")
+    except GraderError:
+        return  # build_config reports it
+
+    def walk(s: Any, path: str) -> None:
+        if isinstance(s, ScoreModel | LabelModel) and s.model not in served_names:
+            raise OptionError(f"{path}.model: {s.model!r} is not served here; model graders use this server's "
+                              f"base ({', '.join(served_names)}) unless the server sets TUNELAB_GRADER_BASE_URL",
+                              param=f"{path}.model")
+        if isinstance(s, Multi):
+            for k, sub in s.parsed.items():
+                walk(sub, f"{path}.graders.{k}")
+
+    walk(spec, "method.reinforcement.grader")
 
 
 def module_suffixes(layer_names: list[str] | tuple[str, ...] | set[str]) -> frozenset[str]:

@@ -1,4 +1,5 @@
-"""Thin FastAPI routers for `/v1/files` and `/v1/fine_tuning/jobs`: parse, call `JobsService`, return.
+"""Thin FastAPI routers for `/v1/files`, `/v1/fine_tuning/jobs` and `/v1/fine_tuning/alpha/graders`: parse,
+call `JobsService` (or tunelab.graders.api), return.
 
 Every route takes the caller's `Principal` (the server's app-wide API-key dependency) and passes its owner
 on, so each key sees only its own files, jobs and events. Blocking database work runs in the thread pool.
@@ -122,3 +123,34 @@ def list_events(job_id: str, after: str | None = None, limit: int = Query(20), s
 def list_checkpoints(job_id: str, after: str | None = None, limit: int = Query(10), service: JobsService = Svc,
                      who: Principal = Who) -> dict[str, Any]:
     return service.list_checkpoints(who.owner, job_id, after=after, limit=limit)
+
+
+# ---------------------------------------------------------------------------------------------- graders
+async def _grader_call(request: Request, fn: Any) -> dict[str, Any]:
+    from tunelab.graders import GraderError
+
+    try:
+        body = await request.json()
+    except ValueError:
+        raise APIError(400, "the request body is not valid JSON", code="invalid_request") from None
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object", code="invalid_request")
+    try:
+        result: dict[str, Any] = await run_in_threadpool(fn, body)  # a python grader blocks on its subprocess
+    except GraderError as e:
+        raise APIError(400, e.message, param=e.param, code="invalid_grader") from None
+    return result
+
+
+@router.post("/v1/fine_tuning/alpha/graders/validate")
+async def validate_grader(request: Request, who: Principal = Who) -> dict[str, Any]:
+    from tunelab.graders import api
+
+    return await _grader_call(request, api.validate)
+
+
+@router.post("/v1/fine_tuning/alpha/graders/run")
+async def run_grader(request: Request, who: Principal = Who) -> dict[str, Any]:
+    from tunelab.graders import api
+
+    return await _grader_call(request, api.run)

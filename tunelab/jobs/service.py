@@ -273,6 +273,7 @@ class JobsService:
         try:
             opts = hyper.tunelab_options(req)
             hyper.check_against_model(opts, self.settings.module_names, self.settings.context_length)
+            hyper.check_reinforcement(req, self.settings.served_names)
             # Resolve once with a placeholder size: every option error surfaces now, as a 400, not later.
             hyper.build_config(base_model=self.settings.base_model, train_path="train.jsonl",
                                valid_path="valid.jsonl" if valid else None, output_dir=str(jdir / "run"), req=req,

@@ -27,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -37,7 +37,7 @@ from sqlalchemy.engine import RowMapping
 
 from tunelab.jobs import hyper
 from tunelab.jobs.child import export_checkpoint, weights_in
-from tunelab.jobs.harvest import Cursor, checkpoint_metrics, read_metrics, result_csv
+from tunelab.jobs.harvest import Cursor, Event, checkpoint_metrics, read_metrics, result_csv
 from tunelab.jobs.service import JobsService
 from tunelab.jobs.store import checkpoints, jobs, new_id, now
 from tunelab.rundir import RunDir, parse_step
@@ -486,6 +486,8 @@ class WorkerPool:
                                          eval_every=cfg["train"].get("eval_every"), final=final)
         if after == cursor and not new_events:
             return
+        if cfg.get("method") == "grpo":
+            new_events = with_rewards(path, cursor.offset, after.offset, new_events)
         for ev in new_events:
             if ev.type == "metrics" and ev.data is not None:
                 run.metrics_by_step.setdefault(int(ev.data["step"]), {}).update(ev.data)
@@ -532,6 +534,47 @@ class WorkerPool:
                                                   step_number=step, model_name=name, metrics=metrics, path=str(path)))
             self.store.add_event(row["id"], f"Checkpoint created at step {step}: {name}", conn=c)
         self._serve(name, str(path), row)
+
+
+def with_rewards(path: Path, start: int, end: int, events: list[Event]) -> list[Event]:
+    """A reinforcement job's events with OpenAI's reward fields: each metrics event gets `train_reward_mean`
+    (and `valid_reward_mean` / `full_valid_reward_mean` at validation steps) from the metrics lines it was made
+    of (bytes start..end of metrics.jsonl), and its message the mean rewards; the baseline reports the base
+    model's validation reward, not a loss it does not have."""
+    with path.open("rb") as f:
+        f.seek(start)
+        blob = f.read(max(0, end - start))
+    train: dict[int, float] = {}
+    valid: dict[int, float] = {}
+    for line in blob.splitlines():
+        try:
+            m = json.loads(line)
+        except json.JSONDecodeError:
+            continue
+        if not isinstance(m, dict):
+            continue
+        step = int(m.get("step", 0) or 0)
+        if "train_reward" in m:
+            train[step] = float(m["train_reward"])
+        elif "valid_reward" in m:
+            valid[step] = float(m["valid_reward"])
+    out = []
+    for ev in events:
+        if ev.message.startswith("Baseline") and 0 in valid:
+            ev = replace(ev, message=f"Baseline (before training): validation mean reward={valid[0]:.4f}")
+        elif ev.type == "metrics" and ev.data is not None:
+            step = int(ev.data["step"])
+            data = dict(ev.data)
+            msg = ev.message
+            if step in train:
+                data["train_reward_mean"] = train[step]
+                msg += f", mean reward={train[step]:.4f}"
+            if step in valid:
+                data.update(valid_reward_mean=valid[step], full_valid_reward_mean=valid[step])
+                msg += f", validation mean reward={valid[step]:.4f}"
+            ev = replace(ev, message=msg, data=data)
+        out.append(ev)
+    return out
 
 
 def _wait_quietly(proc: subprocess.Popen[bytes], seconds: float) -> bool:

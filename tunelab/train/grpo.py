@@ -10,7 +10,10 @@ moves off 1 and `clip_eps` bounds it (TRL's num_iterations); with one optimizer 
 exactly 1 and clipping does nothing (the log-probs at sampling time are then not even computed).
 
 Also home of sampling completions (`sample`, used by PPO too) and the built-in reward functions
-(`REWARD_FUNCTIONS`: json_valid, json_schema, regex, length).
+(`REWARD_FUNCTIONS`: json_valid, json_schema, regex, length). With `grpo.grader` an OpenAI grader
+(tunelab/graders) scores too: each prompt carries its data row's extra fields (the grader's `item`), read from
+`<data file>.items.jsonl` by line (the jobs API writes it from a reinforcement training file); model graders use
+TUNELAB_GRADER_BASE_URL's endpoint if set, else the model being trained with its adapters off (the base).
 """
 
 from __future__ import annotations
@@ -18,6 +21,8 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -99,6 +104,25 @@ def sample(model: Any, tok: Any, prompts: list[list[int]], gen: Any) -> Rollout:
     return Rollout(r.input_ids, r.attention_mask, r.prompt_len, r.completion_mask, r.texts)
 
 
+# ------------------------------------------------------------------------------------------ grader items
+
+
+@dataclass
+class GradedItem(PromptItem):
+    """A prompt with its data row's extra fields, for an OpenAI grader's `{{item.*}}`."""
+
+    item: dict[str, Any] = field(default_factory=dict)
+    where: str = ""
+
+
+def read_items(data_file: str) -> list[dict[str, Any]]:
+    """The items file of a data file (`train.jsonl` -> `train.items.jsonl`), one object per data line; none: []."""
+    path = Path(data_file).with_suffix(".items.jsonl")
+    if not path.is_file():
+        return []
+    return [json.loads(ln) if ln.strip() else {} for ln in path.read_text(encoding="utf-8").splitlines()]
+
+
 # ------------------------------------------------------------------------------------------ the method
 
 
@@ -112,6 +136,8 @@ class GRPO(RolloutMethod):
         self.fns = [(s.fn, s.weight, build_reward(s)) for s in g.rewards]
         self.ref: Reference | None = None
         self.reward_model: Any = None
+        self.grader: Any = None
+        self._items: dict[str, list[dict[str, Any]]] = {}
 
     @property
     def samples_per_prompt(self) -> int:
@@ -125,8 +151,31 @@ class GRPO(RolloutMethod):
     def minibatches(self) -> int:
         return int(self.g.num_minibatches)
 
+    def encode(self, record: Any) -> PromptItem | None:
+        base = super().encode(record)
+        if base is None or self.g.grader is None or record.source is None:
+            return base
+        f, line = record.source.file, record.source.line
+        if f not in self._items:
+            self._items[f] = read_items(f)
+        rows = self._items[f]
+        item = rows[line - 1] if 0 < line <= len(rows) else {}
+        return GradedItem(base.ids, base.messages, item, f"{Path(f).name} line {line}")
+
     def setup(self, ctx: LoopContext) -> None:
-        if self.g.kl_coef > 0:
+        model_graders = False
+        if self.g.grader is not None:
+            from tunelab.graders import parse_grader
+            from tunelab.graders.model import env_chat
+            from tunelab.graders.runtime import Grader
+
+            spec = parse_grader(self.g.grader, "grpo.grader")
+            chat = env_chat()
+            dumped = json.dumps(self.g.grader)
+            model_graders = chat is None and ('"score_model"' in dumped or '"label_model"' in dumped)
+            self.grader = Grader(spec, chat=chat or (lambda model, batch, sp: self._base_chat(ctx, batch, sp)),
+                                 timeout_s=self.g.grader_timeout_s, memory_mb=self.g.grader_memory_mb)
+        if self.g.kl_coef > 0 or model_graders:
             self.ref = Reference(ctx.model)
         if self.g.reward_model:
             from tunelab.train.reward import RewardModel
@@ -136,10 +185,40 @@ class GRPO(RolloutMethod):
     def _sample(self, model: Any, prompts: list[list[int]]) -> Rollout:
         return sample(model, self.tokenizer, prompts, self.g.generation)
 
-    def score(self, messages: list[tuple[Message, ...]], texts: list[str]) -> tuple[torch.Tensor, dict[str, float]]:
-        """Weighted sum of the reward functions (and the reward model), plus each one's batch sum for logging."""
+    def _base_chat(self, ctx: LoopContext, batch: list[list[dict[str, str]]], sp: Any) -> list[str]:
+        """A model grader's answers from the base model (the policy with its adapters off)."""
+        from tunelab.data.templates import encode_prompt
+        from tunelab.engine.sync import sample_rollouts
+
+        assert self.ref is not None
+        prompts = [encode_prompt(self.tokenizer, [Message(m["role"], m["content"]) for m in msgs]) for msgs in batch]
+        temperature = (sp.temperature if sp is not None and sp.temperature else None) or 1e-3
+        max_tokens = (sp.max_completions_tokens if sp is not None else None) or 16
+        with self.ref.context(ctx.model), eval_mode(ctx.model):
+            return sample_rollouts(unwrap(self.ref.model(ctx.model)), self.tokenizer, prompts, max_tokens=max_tokens,
+                                   temperature=temperature).texts
+
+    def score(self, messages: list[tuple[Message, ...]], texts: list[str],
+              prompts: list[PromptItem] | None = None) -> tuple[torch.Tensor, dict[str, float]]:
+        """Weighted sum of the reward functions (and the reward model, and the grader), plus each one's batch
+        sum for logging."""
         total = torch.zeros(len(texts))
         parts: dict[str, float] = {}
+        if self.grader is not None:
+            from tunelab.graders import GraderError
+
+            items = [p.item if isinstance(p, GradedItem) else {} for p in prompts or [None] * len(texts)]  # type: ignore[list-item]
+            try:
+                scores, sub = self.grader.grade(texts, items)
+            except GraderError as e:
+                wheres = sorted({p.where for p in prompts or [] if isinstance(p, GradedItem)})
+                shown = f" (grading completions of {', '.join(wheres[:3])})" if wheres else ""
+                raise GraderError(e.message + shown, e.param) from None
+            v = torch.tensor(scores)
+            total += v
+            parts["r_grader_sum"] = float(v.sum())
+            for k, vals in sub.items():
+                parts[f"r_{k}_sum"] = float(sum(vals))
         for name, w, f in self.fns:
             v = torch.tensor([f(t) for t in texts])
             total += w * v
@@ -159,7 +238,8 @@ class GRPO(RolloutMethod):
     def rollout_batch(self, ctx: LoopContext, items: list[PromptItem]) -> Experience:
         G, model = self.g.group_size, ctx.model
         r = self._sample(model, [i.ids for i in items for _ in range(G)])
-        rewards, parts = self.score([i.messages for i in items for _ in range(G)], r.texts)
+        rewards, parts = self.score([i.messages for i in items for _ in range(G)], r.texts,
+                                    [i for i in items for _ in range(G)])
         dev = r.input_ids.device
         old = None
         if self.optimizer_steps_per_step > 1:  # reused: the ratio against the sampling policy matters
@@ -186,7 +266,7 @@ class GRPO(RolloutMethod):
 
     def validate_batch(self, ctx: LoopContext, items: list[PromptItem]) -> dict[str, float]:
         r = self._sample(ctx.model, [i.ids for i in items])
-        rewards, parts = self.score([i.messages for i in items], r.texts)
+        rewards, parts = self.score([i.messages for i in items], r.texts, items)
         out = {"samples": float(len(r.texts)), "reward_sum": float(rewards.sum()),
                "len_sum": float(r.completion_mask.sum()), **parts}
         ref = self._ref_logps(ctx.model, r)
