@@ -9,7 +9,7 @@ from pathlib import Path
 
 import openai
 import pytest
-from conftest import ALICE, BASE, BOB, Server, wait_for, wait_status
+from livejobs import ALICE, BASE, BOB, Server, wait_for, wait_status
 from openai import OpenAI
 
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import ALICE, start_server, wait_status
+from livejobs import ALICE, start_server, wait_status
 
 from tunelab.model.loading import DEFAULT_MODEL
 

@@ -18,7 +18,7 @@ from urllib.parse import urlparse
 
 import openai
 import pytest
-from conftest import BASE, Server, wait_status
+from livejobs import BASE, Server, wait_status
 
 OUT = "{{sample.output_text}}"
 FIVE = {"type": "string_check", "name": "says-five", "input": OUT, "reference": "{{item.answer}}",

@@ -8,7 +8,7 @@ import signal
 import sqlite3
 from pathlib import Path
 
-from conftest import BASE, start_server, wait_for, wait_status
+from livejobs import BASE, start_server, wait_for, wait_status
 
 
 def _pid_alive(pid: int) -> bool:

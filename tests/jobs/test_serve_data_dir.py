@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
-from conftest import ALICE, TERMINAL
+from livejobs import ALICE, TERMINAL
 from openai import NotFoundError, OpenAI
 
 
