@@ -11,7 +11,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from livejobs import start_server  # noqa: E402
-from sechelp import ADMIN, ALICE, BOB, CAROL, LIMITS, Live  # noqa: E402
+from sechelp import ADMIN, ALICE, BASE, BOB, CAROL, LIMITS, Live  # noqa: E402
 from tiny import chat_rows, save_tiny, write_jsonl  # noqa: E402
 
 
