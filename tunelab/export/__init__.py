@@ -70,6 +70,11 @@ def export(target: str, fmt: str, out: str | Path, *, quant: str = "f16") -> Exp
         raise TunelabError(f"--format must be one of {', '.join(FORMATS)}, got {fmt!r}", 2)
     if fmt != "merged" and quant not in QUANTS:
         raise TunelabError(f"--quant must be one of {', '.join(QUANTS)}, got {quant!r}", 2)
+    from tunelab.rundir import RunDir
+
+    rd = RunDir(target)
+    if rd.is_run() and rd.weights is None:
+        raise TunelabError(f"{target}: the run has no weights (adapter/ or model/) yet; has it finished?", 2)
     if fmt == "merged":
         from tunelab.model.adapters import merge_run
 
