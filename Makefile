@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-dev.txt 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-fast test-slow test-all lint typecheck bench clean console-assets
+.PHONY: install demo test test-fast test-slow test-all lint typecheck bench clean console-assets llama-cpp
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -62,6 +62,16 @@ FAST_SKIP := not cli_validate_exit_codes and not tensorboard_and_mlflow and not 
 	and not (overfitting and (dora or adalora or qlora or full))
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -x -m "not slow and not gpu" -k "$(FAST_SKIP)" tests/unit --durations=5
+
+# llama-cpp-python (optional: the GGUF export's parity test) compiles llama.cpp from source. Portable CPU build
+# (no -march=native, so the wheel cache stays valid on other machines), no multimodal library, 2 jobs.
+# It only needs the venv to exist (not a fresh install stamp): it adds one package to it.
+LLAMA_CPP_VERSION ?= 0.3.36
+llama-cpp:
+	test -x $(BIN)/python || $(MAKE) install
+	CMAKE_ARGS="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_TESTS=OFF -DLLAMA_BUILD_EXAMPLES=OFF \
+		-DLLAMA_BUILD_TOOLS=OFF -DLLAMA_BUILD_SERVER=OFF" CMAKE_BUILD_PARALLEL_LEVEL=2 \
+		$(BIN)/pip install -q llama-cpp-python==$(LLAMA_CPP_VERSION)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache

@@ -29,6 +29,7 @@ COMMAND_MODULES: list[str] = [
     "tunelab.registry.cli",
     "tunelab.plan.cli",
     "tunelab.starter",
+    "tunelab.export.cli",
 ]
 
 
