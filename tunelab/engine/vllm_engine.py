@@ -119,7 +119,7 @@ class VllmStream:
                         yield GenerationEvent(text, tokens)
             if not self._cancelled:
                 raise EngineUnavailableError("vLLM ended the stream before the sequence finished")
-        except httpx.HTTPError as e:
+        except (httpx.HTTPError, httpx.StreamError) as e:  # StreamClosed: cancel() closed it under us
             if not self._cancelled:
                 raise EngineUnavailableError(f"lost the connection to vLLM: {e}") from e
         finally:
