@@ -91,6 +91,7 @@ def test_chat_goes_as_our_token_ids_with_our_stop_rule(engine: VllmEngine, tiny:
 
 def test_adapters_load_under_internal_names_and_route(engine: VllmEngine, tiny: dict[str, Path]) -> None:
     assert [m.id for m in engine.list_models()] == ["tiny", "alpha"]
+    assert engine.vllm_version == "0.0-fake"
     asyncio.run(run(engine, "alpha", prompt="x"))
     first = last_sent(tiny)["model"]
     assert first != "alpha" and first == engine._adapters["alpha"].internal

@@ -77,6 +77,8 @@ def serve_command(
                                     "process: `make vllm`, or --vllm-python)."),
     vllm_python: Path | None = typer.Option(None, "--vllm-python", help="A python with vLLM for --engine vllm "
                                             "(default: $TUNELAB_VLLM_PYTHON, else .venv-vllm)."),
+    vllm_arg: list[str] = typer.Option([], "--vllm-arg", help="Pass this argument on to vLLM's server "
+                                       "(repeatable), e.g. --vllm-arg=--gpu-memory-utilization=0.5."),
 ) -> None:
     """Serve the base model and its adapters over an OpenAI-compatible API, plus the Files and Fine-tuning Jobs APIs."""
     from tunelab.config import parse_overrides
@@ -101,9 +103,10 @@ def serve_command(
         for flag, value in (("--merge", merge), ("--load-in-4bit", load_in_4bit), ("--device", device)):
             if value:
                 raise ConfigError(f"{flag} is for --engine tunelab; vLLM picks its device and serves adapters as LoRAs")
+        typer.echo("starting vLLM in a child process (a few minutes on a CPU) ...")
         engine = VllmEngine(model, python=vllm_python, served_model_name=served_model_name, dtype=dtype,
                             adapters=adapters, adapters_dir=adapters_dir, max_loaded_adapters=max_loaded_adapters,
-                            max_batch_size=max_batch_size)
+                            max_batch_size=max_batch_size, extra_args=tuple(vllm_arg))
     elif engine_name == "tunelab":
         engine = Engine.from_pretrained(
             model, dtype=dtype, load_in_4bit=load_in_4bit, device=device, adapters=adapters, adapters_dir=adapters_dir,
@@ -132,6 +135,8 @@ def serve_command(
             typer.echo(f"files and fine-tuning jobs APIs on: {workers} worker(s), data in {jobs_dir} "
                        "(--no-jobs turns them off)")
         typer.echo(f"models: {', '.join(names)}")
+        if isinstance(engine, VllmEngine):
+            typer.echo(f"engine: vLLM {engine.vllm_version}, log in {engine.log_path}")
         for path, why in engine.rejected.items():
             typer.echo(f"skipped {path}: {why}")
         if adapters_dir is not None and not adapters_dir.exists():

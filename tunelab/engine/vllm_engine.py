@@ -190,6 +190,8 @@ class VllmEngine:
         log.info("starting vLLM (%s) on %s", vllm_python, resolved.path)
         self._proc = VllmProcess(vllm_python, [*args, *extra_args], env=env, startup_timeout=startup_timeout)
         self._http = httpx.Client(base_url=self._proc.url, headers=self._proc.headers, timeout=300)
+        self.log_path = self._proc.log_path
+        self.vllm_version = self._version()
         try:
             for name, path in (adapters or {}).items():
                 self.register_adapter(name, path)
@@ -375,6 +377,12 @@ class VllmEngine:
                                        timeout=httpx.Timeout(30, read=None))
             self._clients[loop] = client
         return client
+
+    def _version(self) -> str:
+        try:
+            return str(self._http.get("/version").json().get("version", "?"))
+        except (httpx.HTTPError, ValueError, AttributeError):
+            return "?"
 
     def _post(self, path: str, body: dict[str, Any]) -> httpx.Response:
         if self._closed or not self._proc.alive():

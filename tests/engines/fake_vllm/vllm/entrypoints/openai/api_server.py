@@ -40,6 +40,10 @@ def main() -> None:
     async def health() -> dict[str, str]:
         return {}
 
+    @app.get("/version")
+    async def version() -> dict[str, str]:
+        return {"version": "0.0-fake"}
+
     @app.post("/v1/load_lora_adapter")
     async def load(body: dict[str, Any]) -> Any:
         if not (Path(body["lora_path"]) / "adapter_config.json").is_file():
