@@ -7,7 +7,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
 from collections.abc import Iterator
 from pathlib import Path
@@ -144,11 +143,14 @@ def test_missing_vllm_environment_says_make_vllm(tmp_path: Path, monkeypatch: py
         find_vllm_python()
 
 
-def test_serve_engine_vllm_without_vllm_exits_2(tmp_path: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    res = subprocess.run([sys.executable, "-c", "from tunelab.cli import main; main()", "serve", "--no-jobs",
-                          "--engine", "vllm", "--vllm-python", str(tmp_path / "nope")],
-                         capture_output=True, text=True, timeout=300, env=env)
-    assert res.returncode == 2
-    assert "--vllm-python" in res.stderr and "not an executable python" in res.stderr
-    assert "Traceback" not in res.stderr
+def test_serve_engine_vllm_without_vllm_exits_2(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from tunelab.cli import main
+
+    with pytest.raises(SystemExit) as done:
+        main(["serve", "--no-jobs", "--engine", "vllm", "--vllm-python", str(tmp_path / "nope")])
+    assert done.value.code == 2
+    err = capsys.readouterr().err
+    assert "--vllm-python" in err and "not an executable python" in err and "Traceback" not in err
+    with pytest.raises(SystemExit) as done:
+        main(["serve", "--no-jobs", "--engine", "vllm", "--merge", "x", "--vllm-python", sys.executable])
+    assert done.value.code == 2 and "--merge is for --engine tunelab" in capsys.readouterr().err
