@@ -146,6 +146,7 @@ def test_greedy_parity_with_our_engine(client: openai.OpenAI, adapter: Path) -> 
         ours_engine.close()
 
     same = sum(1 for (text, _), other in zip(ours, theirs, strict=True) if text == other)
+    print(f"greedy parity: {same}/{len(jobs)} identical")  # shown with -s
     for (text, ids), other, job in zip(ours, theirs, jobs, strict=True):
         first8 = tok.decode(ids[:8], skip_special_tokens=True)
         assert other.startswith(first8), f"{job}: ours {text!r} vs vLLM {other!r}"
