@@ -77,10 +77,17 @@ def serve_command(
     max_jobs_per_owner: int = typer.Option(4, min=1, help="Jobs one owner may have validating, queued or running."),
     max_files_per_owner: int = typer.Option(100, min=1, help="Files one owner may store."),
     max_bytes_per_owner: int = typer.Option(10 * 1024**3, min=1, help="Bytes of files one owner may store."),
+    engine_name: str = typer.Option("tunelab", "--engine", help="tunelab (our engine) or vllm (vLLM in a child "
+                                    "process: `make vllm`, or --vllm-python)."),
+    vllm_python: Path | None = typer.Option(None, "--vllm-python", help="A python with vLLM for --engine vllm "
+                                            "(default: $TUNELAB_VLLM_PYTHON, else .venv-vllm)."),
+    vllm_arg: list[str] = typer.Option([], "--vllm-arg", help="Pass this argument on to vLLM's server "
+                                       "(repeatable), e.g. --vllm-arg=--gpu-memory-utilization=0.5."),
 ) -> None:
     """Serve the base model and its adapters over an OpenAI-compatible API, plus the Files and Fine-tuning Jobs APIs."""
     from tunelab.config import parse_overrides
     from tunelab.engine.engine import Engine
+    from tunelab.engine.vllm_engine import VllmEngine
     from tunelab.server import ServerSettings, create_app, load_admin_keys, load_api_keys
     from tunelab.server.run import serve
 
@@ -96,11 +103,23 @@ def serve_command(
                               max_streamed_bytes=max_upload_bytes + 65536)
     registry = _open_registry(data_dir, registry_spec or database_url, jobs_dir is not None)
     typer.echo(f"loading {model} ...")
-    engine = Engine.from_pretrained(
-        model, dtype=dtype, load_in_4bit=load_in_4bit, device=device, adapters=adapters, adapters_dir=adapters_dir,
-        merge=merge, served_model_name=served_model_name, max_loaded_adapters=max_loaded_adapters,
-        max_batch_size=max_batch_size, mixed_batching=mixed_batching,
-    )
+    engine: Engine | VllmEngine
+    if engine_name == "vllm":
+        for flag, value in (("--merge", merge), ("--load-in-4bit", load_in_4bit), ("--device", device)):
+            if value:
+                raise ConfigError(f"{flag} is for --engine tunelab; vLLM picks its device and serves adapters as LoRAs")
+        typer.echo("starting vLLM in a child process (a few minutes on a CPU) ...")
+        engine = VllmEngine(model, python=vllm_python, served_model_name=served_model_name, dtype=dtype,
+                            adapters=adapters, adapters_dir=adapters_dir, max_loaded_adapters=max_loaded_adapters,
+                            max_batch_size=max_batch_size, extra_args=tuple(vllm_arg))
+    elif engine_name == "tunelab":
+        engine = Engine.from_pretrained(
+            model, dtype=dtype, load_in_4bit=load_in_4bit, device=device, adapters=adapters, adapters_dir=adapters_dir,
+            merge=merge, served_model_name=served_model_name, max_loaded_adapters=max_loaded_adapters,
+            max_batch_size=max_batch_size, mixed_batching=mixed_batching,
+        )
+    else:
+        raise ConfigError(f"--engine {engine_name!r}: expected tunelab or vllm")
     if jobs_dir is None:
         app = create_app(engine, settings, registry=registry)
     else:
@@ -124,6 +143,8 @@ def serve_command(
         typer.echo(f"models: {', '.join(names)}")
         if registry is not None:
             typer.echo("registry models are served by name too (NAME, NAME@3, NAME@staging): `tunelab registry list`")
+        if isinstance(engine, VllmEngine):
+            typer.echo(f"engine: vLLM {engine.vllm_version}, log in {engine.log_path}")
         for path, why in engine.rejected.items():
             typer.echo(f"skipped {path}: {why}")
         if adapters_dir is not None and not adapters_dir.exists():
