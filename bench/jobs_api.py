@@ -129,7 +129,9 @@ def _time(fn: Callable[[], Any], reps: int) -> tuple[float, float]:
 def _scale(scale_jobs: int, scale_files: int, n_events: int, reps: int) -> list[list[Any]]:
     from fastapi.testclient import TestClient
 
-    from tunelab.engine.fake import FakeEngine
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))  # the tests' fake engine: no model
+    from fake_engine import FakeEngine
+
     from tunelab.jobs.app import build_jobs_app
     from tunelab.jobs.service import JobsSettings
     from tunelab.jobs.store import events, files, jobs, new_id

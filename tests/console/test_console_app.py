@@ -9,9 +9,9 @@ import re
 from pathlib import Path
 
 import pytest
+from fake_engine import FakeEngine
 from fastapi.testclient import TestClient
 
-from tunelab.engine.fake import FakeEngine
 from tunelab.jobs.app import build_jobs_app
 from tunelab.jobs.service import JobsSettings
 from tunelab.server.settings import ServerSettings

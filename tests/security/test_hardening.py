@@ -16,6 +16,7 @@ import numpy as np
 import openai
 import pytest
 import torch
+from fake_engine import FakeEngine
 from fastapi import APIRouter
 from fastapi.testclient import TestClient
 from sechelp import (
@@ -34,7 +35,6 @@ from sechelp import (
 )
 from tiny import chat_rows, tiny_model
 
-from tunelab.engine.fake import FakeEngine
 from tunelab.jobs.app import build_jobs_app
 from tunelab.jobs.service import JobsService, JobsSettings
 from tunelab.jobs.store import Store, jobs, new_id

@@ -12,12 +12,13 @@ import textwrap
 import threading
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import httpx
 import pytest
 import uvicorn
+from fake_engine import FakeEngine
 
-from tunelab.engine.fake import FakeEngine
 from tunelab.server import create_app
 from tunelab.server.run import base_url, bind
 
@@ -69,7 +70,8 @@ def test_non_stream_disconnect_cancels_generation(served: tuple[FakeEngine, str]
 
 SERVE_FAKE = textwrap.dedent("""
     import sys
-    from tunelab.engine.fake import FakeEngine
+    sys.path.insert(0, sys.argv[2])  # tests/: the fake engine lives with the tests, not in the package
+    from fake_engine import FakeEngine
     from tunelab.server import create_app
     from tunelab.server.run import serve
     serve(create_app(FakeEngine(token_delay=0.02)), port=0, shutdown_timeout=int(sys.argv[1]),
@@ -79,7 +81,8 @@ SERVE_FAKE = textwrap.dedent("""
 
 
 def start_fake_server(shutdown_timeout: int) -> tuple[subprocess.Popen[str], str]:
-    proc = subprocess.Popen([sys.executable, "-c", SERVE_FAKE, str(shutdown_timeout)], stdout=subprocess.PIPE,
+    tests_dir = str(Path(__file__).resolve().parents[1])
+    proc = subprocess.Popen([sys.executable, "-c", SERVE_FAKE, str(shutdown_timeout), tests_dir], stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, env={**os.environ, "PYTHONUNBUFFERED": "1"})
     assert proc.stdout is not None
     line = proc.stdout.readline()

@@ -6,10 +6,10 @@ import json
 from pathlib import Path
 
 import pytest
+from fake_engine import FakeEngine
 from fastapi import APIRouter, Depends
 from fastapi.testclient import TestClient
 
-from tunelab.engine.fake import FakeEngine
 from tunelab.errors import ConfigError
 from tunelab.server import Principal, ServerSettings, authenticate, create_app, load_api_keys
 

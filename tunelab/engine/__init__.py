@@ -2,7 +2,7 @@
 
 Importing this package does not import torch; the torch-backed `Engine` lives in `tunelab.engine.engine`.
 The interface the server uses is in `tunelab.engine.types`; a model-free `FakeEngine` is in
-`tunelab.engine.fake`.
+`tests/fake_engine.py`.
 """
 
 from tunelab.engine.types import (

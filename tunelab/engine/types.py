@@ -128,7 +128,7 @@ class GenerationStream(Protocol):
 @runtime_checkable
 class InferenceEngine(Protocol):
     """What the server needs from an engine (the real one in `tunelab.engine.engine`, a fake for tests in
-    `tunelab.engine.fake`). `submit` validates and queues, raising EngineError at once for an unknown model
+    tests/fake_engine.py). `submit` validates and queues, raising EngineError at once for an unknown model
     or a request that cannot fit; the returned stream yields output as the batching loop produces it."""
 
     @property
