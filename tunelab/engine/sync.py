@@ -57,9 +57,9 @@ def decode(tok: Any, ids: list[int]) -> str:
     return str(tok.decode(ids, skip_special_tokens=True))
 
 
-def chat_prompt_ids(tok: Any, messages: list[dict[str, Any]]) -> list[int]:
-    """A conversation rendered for generation, exactly as the server renders `messages`."""
-    return render_prompt_ids(tok, messages)
+def chat_prompt_ids(tok: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """A conversation rendered for generation, exactly as the server renders `messages` (and `tools`)."""
+    return render_prompt_ids(tok, messages, tools)
 
 
 @dataclass(eq=False)
