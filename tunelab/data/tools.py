@@ -193,10 +193,11 @@ def answered_call(m: dict[str, Any], mf: str, state: CallState, err: Err) -> str
                 return cid
         err(f"{mf}.name", f"a function message for {name!r} answers no earlier function_call")
         return False
-    cid = m.get("tool_call_id")
-    if not isinstance(cid, str) or not cid:
+    answer = m.get("tool_call_id")
+    if not isinstance(answer, str) or not answer:
         err(f"{mf}.tool_call_id", "a tool message needs the 'tool_call_id' of the call it answers")
         return False
+    cid = answer
     if cid not in state.issued:
         err(f"{mf}.tool_call_id", f"tool_call_id {cid!r} answers no earlier call (calls so far: "
             f"{', '.join(state.issued)})")
