@@ -65,7 +65,7 @@ def test_tool_calling_fine_tune_job_end_to_end(tool_server: tuple[Server, Path])
     assert job.trained_tokens and job.trained_tokens > 0
     ask = [{"role": "user", "content": "add 5 and 11"}]
     r = client.chat.completions.create(model=job.fine_tuned_model or "", messages=ask, tools=[ADD],  # type: ignore[arg-type,list-item]
-                                       tool_choice="required", temperature=0, max_tokens=60)
+                                       tool_choice="required", temperature=0, max_tokens=100)
     call = (r.choices[0].message.tool_calls or [None])[0]
     assert call is not None and call.function.name == "add" and r.choices[0].finish_reason == "tool_calls"
     assert set(json.loads(call.function.arguments)) == {"a", "b"}

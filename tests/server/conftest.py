@@ -50,3 +50,9 @@ def live_app(app: Any, timeout: float = 30) -> Iterator[str]:
     finally:
         server.should_exit = True
         thread.join(10)
+
+
+@pytest.fixture(scope="session")
+def serve_live() -> Any:
+    """`live_app` as a fixture: test modules cannot import it by name (every test folder has a conftest)."""
+    return live_app

@@ -16,7 +16,6 @@ from typing import Any
 import jsonschema
 import openai
 import pytest
-from conftest import live_app
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
 from tool_templates import HERMES, LLAMA3_JSON, WEATHER_TOOL  # noqa: E402
@@ -43,7 +42,8 @@ def _engine(model_dir: Path, adapters: Path | None = None) -> Any:
 
 
 @pytest.fixture(scope="module")
-def served(lora_base_dir: Path, tiny_adapters: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Any]:
+def served(lora_base_dir: Path, tiny_adapters: Path, tmp_path_factory: pytest.TempPathFactory,
+           serve_live: Any) -> Iterator[Any]:
     from transformers import AutoTokenizer
 
     from tunelab.server import ServerSettings, create_app
@@ -57,7 +57,7 @@ def served(lora_base_dir: Path, tiny_adapters: Path, tmp_path_factory: pytest.Te
     shutil.copytree(tiny_adapters / "alpha", root / "adapters" / "alpha")
     engine = _engine(model_dir, root / "adapters")
     try:
-        with live_app(create_app(engine, ServerSettings(max_tokens_limit=160))) as url:
+        with serve_live(create_app(engine, ServerSettings(max_tokens_limit=160))) as url:
             yield engine, openai.OpenAI(base_url=url, api_key="none", max_retries=0, timeout=120)
     finally:
         engine.close()

@@ -17,7 +17,6 @@ from typing import Any
 
 import llguidance
 import llguidance.hf
-import llguidance.torch
 import torch
 
 from tunelab.data.templates import ToolFormat
@@ -27,6 +26,7 @@ _tok_cache: weakref.WeakKeyDictionary[Any, dict[tuple[int, tuple[int, ...]], llg
     weakref.WeakKeyDictionary())
 # Compact JSON: a model's whitespace habits vary, and free whitespace lets a weak model wander for ever.
 _COMPACT = {"whitespace_flexible": False}
+_SHIFTS = torch.arange(32, dtype=torch.int32)
 
 
 class GrammarError(ValueError):
@@ -73,14 +73,19 @@ class RowConstraint:
         self.matcher = llguidance.LLMatcher(lltok, grammar)
         if self.matcher.is_error():
             raise GrammarError(self.matcher.get_error())
-        self.bitmask = llguidance.torch.allocate_token_bitmask(1, n_vocab)
+        self.n_vocab = n_vocab
+        self.bitmask = torch.full(((n_vocab + 31) // 32,), -1, dtype=torch.int32)  # bit k of word w: token 32w+k
 
     def mask(self, logits: torch.Tensor) -> torch.Tensor:
         """A copy of one row's (vocab,) logits with every token the grammar forbids at -inf."""
-        llguidance.torch.fill_next_token_bitmask(self.matcher, self.bitmask, 0)
-        out = logits.detach().float().clone()[None, :]
-        llguidance.torch.apply_token_bitmask_inplace(out, self.bitmask.to(out.device))
-        return out[0]
+        self.matcher.unsafe_compute_mask_ptr(self.bitmask.data_ptr(), self.bitmask.numel() * 4)
+        # Unpacked with plain tensor ops: llguidance.torch's helper is a torch.compile kernel, whose compile (and
+        # recompiles across threads and inference mode) cost seconds per call on a CPU server.
+        bits = (self.bitmask[:, None] >> _SHIFTS) & 1
+        allowed = bits.reshape(-1)[: logits.shape[-1]].bool().to(logits.device)
+        if allowed.shape[0] < logits.shape[-1]:  # logits wider than the grammar's vocabulary: the rest is banned
+            allowed = torch.nn.functional.pad(allowed, (0, logits.shape[-1] - allowed.shape[0]))
+        return logits.detach().float().masked_fill(~allowed, float("-inf"))
 
     def consume(self, token: int) -> None:
         if not self.matcher.consume_token(token):

@@ -50,6 +50,7 @@ from tunelab.server.protocol import (
 )
 from tunelab.server.settings import ServerSettings
 from tunelab.server.tools import (
+    ParsedCall,
     ToolPlan,
     check_tools,
     may_be_call,
@@ -281,7 +282,7 @@ class OpenAIServing:
         for i, c in enumerate(choices):
             content: str | None = "".join(c.text)
             fmt = parse[i]
-            calls = []
+            calls: list[ParsedCall] = []
             if fmt is not None and content:
                 content, calls = parse_tool_calls(content, fmt, names)
             message = AssistantMessage(content=content, tool_calls=[k.to_json() for k in calls] or None)
@@ -388,7 +389,8 @@ class OpenAIServing:
                 held = tools.start() if tools is not None else None
                 async for i, ev in items():
                     tokens[i] = ev.completion_tokens
-                    text, finish = ev.text, ev.finish_reason
+                    text = ev.text
+                    finish: str | None = ev.finish_reason
                     if held is not None and tools is not None and held[i] is not None:
                         held[i] = (held[i] or "") + text
                         fmt = tools.formats[i]
