@@ -42,7 +42,7 @@ def tool_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[Serv
     from transformers import AutoTokenizer
 
     root = tmp_path_factory.mktemp("tooljob")
-    model = save_tiny(root / "tiny")
+    model = save_tiny(root / "tiny", max_position_embeddings=1024)  # room for the rendered tools
     tok = AutoTokenizer.from_pretrained(model)
     tok.chat_template = HERMES
     tok.save_pretrained(model)
