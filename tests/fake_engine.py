@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
+from tunelab.data.templates import ToolFormat
 from tunelab.engine.text import StopMatcher
 from tunelab.engine.types import (
     AdapterError,
@@ -33,6 +34,7 @@ class FakeStream:
         self.request = request
         self.request_id = request.request_id or uuid.uuid4().hex
         self.prompt_tokens = len(prompt_text.split())
+        self.tool_format: ToolFormat | None = None  # the fake's replies are plain echoes, never tool calls
         self.cancelled = False
         self.finished = False
         self._words = [f" {w}" for w in f"echo from {request.model}: {prompt_text}".split()]

@@ -3,10 +3,11 @@ problem found with its file, 1-based line and field.
 
 Formats (detected per line from its keys; one file holds one format):
   messages           {"messages": [{"role", "content", "weight"?, "name"?}, ...]}   (OpenAI chat)
+                     + "tools"/"functions", assistant "tool_calls", "tool" messages (see tunelab.data.tools)
   prompt_completion  {"prompt": str, "completion": str}                            (OpenAI legacy)
   alpaca             {"instruction": str, "input"?: str, "output": str, "system"?: str}
   sharegpt           {"conversations": [{"from": "human"|"gpt"|"system"|..., "value": str}, ...]}
-  preference         {"prompt": str|messages, "chosen": str|messages, "rejected": str|messages}
+  preference         {"prompt": str|messages, "chosen": str|messages, "rejected": str|messages, "tools"?}
   unpaired           {"prompt": str|messages, "completion": str|messages, "label": bool}   (KTO)
 """
 
@@ -19,16 +20,18 @@ from pathlib import Path
 from typing import Any
 
 from tunelab.data.records import ROLES, Conversation, Message, Preference, Record, Source
+from tunelab.data.tools import CallState, answered_call, parse_tool_calls, parse_tools, tool_names
 from tunelab.errors import DataError, Issue, TunelabError
 
 FORMATS = ("messages", "prompt_completion", "alpaca", "sharegpt", "preference", "unpaired")
-MESSAGE_KEYS = {"role", "content", "weight", "name"}
+MESSAGE_KEYS = {"role", "content", "weight", "name", "tool_calls", "tool_call_id", "function_call"}
+TOOL_KEYS = {"tools", "functions", "parallel_tool_calls"}
 TOP_KEYS = {
     "messages": {"messages", "tools", "functions", "parallel_tool_calls", "id", "metadata"},
     "prompt_completion": {"prompt", "completion", "id", "metadata"},
     "alpaca": {"instruction", "input", "output", "system", "id", "metadata"},
     "sharegpt": {"conversations", "system", "id", "metadata"},
-    "preference": {"prompt", "chosen", "rejected", "id", "metadata"},
+    "preference": {"prompt", "chosen", "rejected", "id", "metadata", *TOOL_KEYS},
     "unpaired": {"prompt", "completion", "label", "id", "metadata"},
 }
 SHAREGPT_ROLES = {
@@ -110,7 +113,20 @@ class _LineParser:
             return None
         return val
 
-    def messages(self, raw: Any, fld: str, *, require_assistant: bool = True) -> tuple[Message, ...] | None:
+    def call_state(self, obj: dict[str, Any]) -> tuple[tuple[dict[str, Any], ...], CallState] | None:
+        """The line's tools and the call-tracking state its messages share; None after an error."""
+        tools = parse_tools(obj, self.err)
+        parallel = obj.get("parallel_tool_calls", True)
+        if not isinstance(parallel, bool):
+            self.err("parallel_tool_calls", f"parallel_tool_calls must be true or false, got {parallel!r}")
+            return None
+        if tools is None:
+            return None
+        return tools, CallState(tool_names(tools), parallel)
+
+    def messages(self, raw: Any, fld: str, *, require_assistant: bool = True,
+                 state: CallState | None = None) -> tuple[Message, ...] | None:
+        state = state if state is not None else CallState(set())
         if not isinstance(raw, list):
             self.err(fld, f"{fld!r} must be a list of messages, got {type(raw).__name__}")
             return None
@@ -130,9 +146,25 @@ class _LineParser:
             if role is None:
                 self.err(f"{mf}.role", "missing 'role'")
                 ok = False
-            elif not isinstance(role, str) or role not in ROLES:
+            elif not isinstance(role, str) or (role not in ROLES and role != "function"):
                 self.err(f"{mf}.role", f"unknown role {role!r} (expected one of: {', '.join(ROLES)})")
                 ok = False
+            calls = parse_tool_calls(m, mf, state, self.err)
+            if calls is None:
+                ok = False
+                continue
+            call_id: str | None = None
+            if role in ("tool", "function"):
+                answered = answered_call(m, mf, state, self.err)
+                if answered is False:
+                    ok = False
+                    continue
+                call_id = answered if isinstance(answered, str) else None
+            elif "tool_call_id" in m:
+                self.err(f"{mf}.tool_call_id", "only tool messages answer a call")
+                ok = False
+            if calls and m.get("content") is None:
+                m = {**m, "content": ""}  # OpenAI: an assistant turn that only calls tools has null content
             if "content" not in m:
                 self.err(f"{mf}.content", "missing 'content'")
                 ok = False
@@ -155,7 +187,8 @@ class _LineParser:
                 self.err(f"{mf}.name", f"name must be a string, got {type(name).__name__}")
                 ok = False
             if isinstance(role, str):
-                out.append(Message(role, content, None if weight is None else float(weight), name))
+                out.append(Message("tool" if role == "function" else role, content,
+                                   None if weight is None else float(weight), name, calls, call_id))
         if not ok:
             return None
         if require_assistant:
@@ -166,7 +199,8 @@ class _LineParser:
                 self.warn(f"{fld}[{len(out) - 1}]", "conversation ends on a user turn; it is not trained on")
         return tuple(out)
 
-    def text_or_messages(self, obj: dict[str, Any], key: str, role: str) -> tuple[Message, ...] | None:
+    def text_or_messages(self, obj: dict[str, Any], key: str, role: str,
+                         state: CallState | None = None) -> tuple[Message, ...] | None:
         if key not in obj or obj[key] is None:
             self.err(key, f"missing required field {key!r}")
             return None
@@ -174,19 +208,26 @@ class _LineParser:
         if isinstance(val, str):
             return (Message(role, val),)
         if isinstance(val, list):
-            return self.messages(val, key, require_assistant=False)
+            return self.messages(val, key, require_assistant=False, state=state)
         self.err(key, f"{key!r} must be a string or a list of messages, got {type(val).__name__}")
         return None
 
     def parse(self, obj: dict[str, Any], fmt: str) -> Record | None:
         src = Source(self.path, self.line)
+        if fmt != "messages" and fmt != "preference" and (tk := sorted(TOOL_KEYS & obj.keys())):
+            self.err(tk[0], f"{tk[0]!r} is not part of the {fmt} format: tools go with the chat (messages) or "
+                     "preference format, as in OpenAI's fine-tuning files")
+            return None
         self.unknown_keys(obj, TOP_KEYS[fmt])
         if fmt == "messages":
             if "messages" not in obj or obj["messages"] is None:
                 self.err("messages", "missing 'messages'")
                 return None
-            msgs = self.messages(obj["messages"], "messages")
-            return Conversation(msgs, source=src) if msgs else None
+            ts = self.call_state(obj)
+            if ts is None:
+                return None
+            msgs = self.messages(obj["messages"], "messages", state=ts[1])
+            return Conversation(msgs, source=src, tools=ts[0]) if msgs else None
         if fmt == "prompt_completion":
             p, c = self.text(obj, "prompt"), self.text(obj, "completion")
             if p is None or c is None:
@@ -228,15 +269,19 @@ class _LineParser:
             msgs = self.messages(converted, "conversations")
             return Conversation(msgs, source=src) if msgs else None
         if fmt == "preference":
-            prompt = self.text_or_messages(obj, "prompt", "user")
-            chosen = self.text_or_messages(obj, "chosen", "assistant")
-            rejected = self.text_or_messages(obj, "rejected", "assistant")
+            ts = self.call_state(obj)
+            if ts is None:
+                return None
+            prompt = self.text_or_messages(obj, "prompt", "user", ts[1])
+            # Both answers continue the same prompt: each gets its own copy of the calls made so far.
+            chosen = self.text_or_messages(obj, "chosen", "assistant", ts[1].copy())
+            rejected = self.text_or_messages(obj, "rejected", "assistant", ts[1].copy())
             if prompt is None or chosen is None or rejected is None:
                 return None
-            if [m.content.strip() for m in chosen] == [m.content.strip() for m in rejected]:
+            if [m.key() for m in chosen] == [m.key() for m in rejected]:
                 self.err("rejected", "chosen and rejected are identical: the pair teaches nothing")
                 return None
-            return Preference(prompt, chosen, rejected, source=src)
+            return Preference(prompt, chosen, rejected, source=src, tools=ts[0])
         if fmt == "unpaired":
             prompt = self.text_or_messages(obj, "prompt", "user")
             completion = self.text_or_messages(obj, "completion", "assistant")

@@ -6,6 +6,11 @@ assistant turn includes its end-of-turn marker so the fine-tuned model learns to
 `tunelab generate`/`eval`/`serve` and RL rollouts) stops on the same marker. The mask is computed
 on characters (where each assistant turn sits in the rendered text) and mapped to tokens with the fast
 tokenizer's offsets, so it works for any template that renders a conversation prefix as a text prefix.
+
+Tools are rendered by the template itself (`apply_chat_template(..., tools=...)`): assistant tool-call turns are
+trained like any assistant turn, tool results (role `tool`) never are. `tool_format(tok)` probes the template
+once for how it writes a call (Hermes/Qwen `<tool_call>` JSON or a bare JSON object as Llama 3 does), the
+format the server parses and constrains; a template that ignores tools is an error naming it.
 """
 
 from __future__ import annotations
@@ -39,12 +44,82 @@ def with_system_prompt(conv: Conversation, system_prompt: str | None) -> list[Me
     return msgs
 
 
-def _render(tok: Any, msgs: list[dict[str, Any]], gen_prompt: bool = False) -> str:
+def _render(tok: Any, msgs: list[dict[str, Any]], gen_prompt: bool = False,
+            tools: list[dict[str, Any]] | None = None) -> str:
     try:
-        out = tok.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen_prompt)
+        out = tok.apply_chat_template(msgs, tools=tools or None, tokenize=False, add_generation_prompt=gen_prompt)
     except Exception as e:  # jinja errors: e.g. a template that rejects a role
         raise TunelabError(f"the chat template could not render a conversation: {e}") from e
     return str(out)
+
+
+@dataclass(frozen=True)
+class ToolFormat:
+    """How a chat template writes an assistant's tool call. `kind` "hermes": each call is
+    `<tool_call>\\n{"name": ..., "arguments": {...}}\\n</tool_call>` (Hermes, Qwen); "json": the turn is a bare
+    JSON object `{"name": ..., <args_key>: {...}}` (Llama 3.1+ with `"parameters"`)."""
+
+    kind: str
+    args_key: str = "arguments"
+
+
+_PROBE = "tunelab_probe_fn"
+_PROBE_TOOL = {"type": "function", "function": {"name": _PROBE, "description": "probe",
+                                                "parameters": {"type": "object", "properties": {}}}}
+_tool_cache: weakref.WeakKeyDictionary[Any, ToolFormat | str] = weakref.WeakKeyDictionary()
+
+
+def template_name(tok: Any) -> str:
+    name = getattr(tok, "name_or_path", "") or ""
+    return f"the chat template of {name!r}" if name else "this tokenizer's chat template"
+
+
+def tool_format(tok: Any) -> ToolFormat:
+    """The template's tool-call format (probed once per tokenizer); TunelabError naming the template when it
+    does not render tool definitions or tool calls."""
+    try:
+        got = _tool_cache[tok]
+    except (KeyError, TypeError):
+        got = _probe_tools(tok)
+        try:
+            _tool_cache[tok] = got
+        except TypeError:  # pragma: no cover
+            pass
+    if isinstance(got, str):
+        raise TunelabError(got)
+    return got
+
+
+def _probe_tools(tok: Any) -> ToolFormat | str:
+    user = [{"role": "user", "content": "hi"}]
+    call = {"role": "assistant", "content": "", "tool_calls": [
+        {"id": "call_probe", "type": "function", "function": {"name": _PROBE, "arguments": {"x": 1}}}]}
+    name = template_name(tok)
+    hint = ("use a base whose template supports tool calling (Qwen2.5, Llama 3.1+, Hermes) or give the "
+            "tokenizer a tool-aware chat_template")
+    if not getattr(tok, "chat_template", None):
+        return f"{name} is missing, so it cannot render tools; {hint}"
+    try:
+        prompt = _render(tok, user, gen_prompt=True, tools=[_PROBE_TOOL])
+        full = _render(tok, [*user, call], tools=[_PROBE_TOOL])
+    except TunelabError as e:
+        return f"{name} cannot render tool calls ({e.__cause__ or e}); {hint}"
+    rendered_call = full[len(prompt):] if full.startswith(prompt) else full
+    if _PROBE not in prompt or _PROBE not in rendered_call:
+        what = "tool definitions" if _PROBE not in prompt else "assistant tool_calls"
+        return f"{name} has no tool support: it ignores {what}; {hint}"
+    if "<tool_call>" in rendered_call:
+        return ToolFormat("hermes")
+    return ToolFormat("json", "parameters" if '"parameters"' in rendered_call else "arguments")
+
+
+def conversation_tools(conv: Conversation) -> list[dict[str, Any]] | None:
+    """The tools to render `conv` with; checks the template can when the conversation uses tools at all."""
+    return list(conv.tools) if conv.tools else None
+
+
+def _uses_tools(conv: Conversation) -> bool:
+    return bool(conv.tools) or any(m.tool_calls for m in conv.messages)
 
 
 @dataclass(frozen=True)
@@ -123,10 +198,11 @@ def _end_of_turn(tok: Any, text: str, start: int, end: int) -> int:
     return end
 
 
-def assistant_spans(tok: Any, msgs: list[Message], train_on: str) -> tuple[str, list[tuple[int, int]]]:
+def assistant_spans(tok: Any, msgs: list[Message], train_on: str,
+                    tools: list[dict[str, Any]] | None = None) -> tuple[str, list[tuple[int, int]]]:
     """Rendered text and the character spans [start, end) to train on."""
     dicts = [m.template_dict() for m in msgs]
-    full = _render(tok, dicts)
+    full = _render(tok, dicts, tools=tools)
     if train_on == "all":
         return full, [(0, len(full))]
     idx = [i for i, m in enumerate(msgs) if m.role == "assistant"]
@@ -136,10 +212,13 @@ def assistant_spans(tok: Any, msgs: list[Message], train_on: str) -> tuple[str, 
     spans: list[tuple[int, int]] = []
     cursor = 0
     for i in idx:
-        prefix = _render(tok, dicts[:i], gen_prompt=True) if i > 0 else None
-        upto = _render(tok, dicts[: i + 1])
+        prefix = _render(tok, dicts[:i], gen_prompt=True, tools=tools) if i > 0 else None
+        upto = _render(tok, dicts[: i + 1], tools=tools)
         if prefix is not None and full.startswith(upto) and upto.startswith(prefix):
             start, end = len(prefix), len(upto)
+        elif msgs[i].tool_calls:
+            raise TunelabError(f"{template_name(tok)} does not render conversations as growing prefixes, so the "
+                               "tokens of an assistant tool call cannot be located for the label mask")
         else:
             # Template is not prefix-stable (e.g. it rewrites earlier turns): find the content itself.
             start = full.find(msgs[i].content, cursor)
@@ -164,7 +243,9 @@ def encode(
     system_prompt: str | None = None,
 ) -> Encoded:
     msgs = with_system_prompt(conv, system_prompt)
-    text, spans = assistant_spans(tok, msgs, train_on)
+    if _uses_tools(conv):
+        tool_format(tok)  # a template without tool support: the error names it, rather than silently dropping tools
+    text, spans = assistant_spans(tok, msgs, train_on, conversation_tools(conv))
     enc = tok(text, add_special_tokens=False, return_offsets_mapping=True)
     ids: list[int] = list(enc["input_ids"])
     offsets: list[tuple[int, int]] = [tuple(o) for o in enc["offset_mapping"]]
@@ -185,16 +266,20 @@ def encode(
     return Encoded(ids, labels, truncated, full_len)
 
 
-def encode_prompt(tok: Any, messages: list[Message], system_prompt: str | None = None) -> list[int]:
+def encode_prompt(tok: Any, messages: list[Message], system_prompt: str | None = None,
+                  tools: tuple[dict[str, Any], ...] = ()) -> list[int]:
     """Token ids of a prompt ready for generation (ends with the assistant header)."""
     msgs = with_system_prompt(Conversation(tuple(messages)), system_prompt)
-    return render_prompt_ids(tok, [m.template_dict() for m in msgs])
+    return render_prompt_ids(tok, [m.template_dict() for m in msgs], list(tools) or None)
 
 
-def render_prompt_ids(tok: Any, messages: list[dict[str, Any]]) -> list[int]:
+def render_prompt_ids(tok: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
     """The one way a chat prompt becomes token ids for generation (training's prompts, eval, the server):
-    the chat template with the generation prompt, tokenized without adding special tokens again."""
-    text = _render(tok, messages, gen_prompt=True)
+    the chat template with the generation prompt (and the tools, rendered by the template), tokenized without
+    adding special tokens again."""
+    if tools or any(m.get("tool_calls") for m in messages):
+        tool_format(tok)
+    text = _render(tok, messages, gen_prompt=True, tools=tools)
     return list(tok(text, add_special_tokens=False)["input_ids"])
 
 

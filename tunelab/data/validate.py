@@ -12,8 +12,8 @@ from typing import Any
 
 from tunelab.data.readers import ParseResult, parse_file
 from tunelab.data.records import Conversation, Preference, Record
-from tunelab.data.templates import Encoded, encode
-from tunelab.errors import Issue
+from tunelab.data.templates import Encoded, encode, tool_format
+from tunelab.errors import Issue, TunelabError
 
 MIN_EXAMPLES = 10  # OpenAI's minimum; fewer rarely changes behaviour and usually means a wrong file
 
@@ -123,6 +123,22 @@ def token_checks(
     return issues, lengths, truncated, trained, encoded
 
 
+def tool_support_issue(res: ParseResult, tokenizer: Any) -> Issue | None:
+    """An error at the first line that uses tools when the tokenizer's chat template cannot render them."""
+    def uses(r: Record) -> bool:
+        msgs = (*r.prompt, *r.chosen, *r.rejected) if isinstance(r, Preference) else r.messages
+        return bool(r.tools) or any(m.tool_calls for m in msgs)
+
+    first = next((r for r in res.records if uses(r)), None)
+    if first is None:
+        return None
+    try:
+        tool_format(tokenizer)
+    except TunelabError as e:
+        return Issue(res.path, first.source.line if first.source else None, "tools", str(e))
+    return None
+
+
 def validate_file(
     path: str | Path,
     tokenizer: Any | None = None,
@@ -138,7 +154,9 @@ def validate_file(
     extra, dups = dataset_checks(res, min_examples)
     issues.extend(extra)
     rep = Report(str(path), res.format, len(res.records), issues, duplicates=dups, records=list(res.records))
-    if tokenizer is not None and res.records:
+    if tokenizer is not None and res.records and (problem := tool_support_issue(res, tokenizer)) is not None:
+        rep.issues.append(problem)  # one error for the file, not one per line: the template is the problem
+    elif tokenizer is not None and res.records:
         tissues, lengths, rep.truncated, rep.trained_tokens, rep.encoded = token_checks(
             res, tokenizer, max_seq_len, train_on, system_prompt)
         rep.issues.extend(tissues)

@@ -9,6 +9,10 @@ Failures stay with their row: an exception while preparing, sampling or recordin
 alone with an error; a failed forward pass ends the rows it covered (a joiners' prefill fails only the
 joiners); and every row that entered the batch always gets a final event or an error, never silence.
 The exception goes to the log with the row's request id; the client's error says only that id.
+
+A row with a constraint (structured output, a forced tool call) has its logits masked by its grammar
+(tunelab.engine.constrained) before its token is picked, and the grammar consumes the token after; other
+rows of the batch are untouched.
 """
 
 from __future__ import annotations
@@ -23,6 +27,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from tunelab.data.templates import ToolFormat
 from tunelab.engine.sampling import chosen_logprob, make_generator, penalize_row, sample_row
 from tunelab.engine.text import StopMatcher
 from tunelab.engine.types import EngineError, FinishReason, GenerationEvent, GenerationRequest
@@ -44,6 +49,7 @@ class Sequence:
     done: bool = False
     stop_token: int | None = None  # the end-of-turn/EOS token that finished it, if one did
     logprobs: list[float] = field(default_factory=list)  # per token (stop token last) when sampling.logprobs
+    constraint: Any = None  # a tunelab.engine.constrained.RowConstraint when the output follows a grammar
 
     def __post_init__(self) -> None:
         self.matcher = StopMatcher(self.request.sampling.stop)
@@ -60,10 +66,11 @@ class Sequence:
 class EngineStream:
     """The GenerationStream handed to the server for one Sequence."""
 
-    def __init__(self, seq: Sequence, prompt_tokens: int) -> None:
+    def __init__(self, seq: Sequence, prompt_tokens: int, tool_format: ToolFormat | None = None) -> None:
         self._seq = seq
         self.request_id = seq.request.request_id
         self.prompt_tokens = prompt_tokens
+        self.tool_format = tool_format
 
     @property
     def token_ids(self) -> list[int]:
@@ -163,7 +170,12 @@ def _pick_one(state: _Running, i: int, greedy: list[int], eos_ids: set[int],
         if sp.repetition_penalty != 1.0:
             logits = penalize_row(logits, seq.prompt_ids + seq.generated, sp.repetition_penalty)
             best = int(logits.argmax())
+        if seq.constraint is not None:
+            logits = seq.constraint.mask(logits)
+            best = int(logits.argmax())
         tok = best if sp.temperature == 0 or gen is None else sample_row(logits, sp, gen)
+        if seq.constraint is not None and tok not in eos_ids:
+            seq.constraint.consume(tok)
         if sp.logprobs:  # the model's own distribution (before temperature and penalties), as HF's raw logits
             seq.logprobs.append(chosen_logprob(state.logits[i], tok))
         return _advance(seq, tok, eos_ids, decode) is None, tok

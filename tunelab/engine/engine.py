@@ -26,8 +26,11 @@ from typing import Any
 
 import torch
 
+from tunelab.data.templates import ToolFormat, tool_format
+from tunelab.engine import constrained
 from tunelab.engine.adapters import AdapterFolder, check_fits, discover_adapters, read_adapter_folder
 from tunelab.engine.batch import EngineStream, Sequence, run_batch
+from tunelab.engine.constrained import RowConstraint
 from tunelab.engine.sync import chat_prompt_ids, decode, pad_id, stop_rule, with_stop_rule
 from tunelab.engine.types import (
     AdapterError,
@@ -236,9 +239,12 @@ class Engine:
                 f"this model's context of {self.max_model_len} tokens", param="max_tokens")
         req = dataclasses.replace(request, sampling=with_stop_rule(request.sampling, self._stop),
                                   request_id=request.request_id or uuid.uuid4().hex)
-        seq = Sequence(req, ids, adapter, asyncio.get_running_loop(), asyncio.Queue())
+        fmt = self._tool_format() if request.tools or (req.sampling.constraint is not None
+                                                       and req.sampling.constraint.kind == "tool_call") else None
+        seq = Sequence(req, ids, adapter, asyncio.get_running_loop(), asyncio.Queue(),
+                       constraint=self._constraint(req, fmt))
         self._inbox.put(seq)
-        return EngineStream(seq, len(ids))
+        return EngineStream(seq, len(ids), fmt)
 
     def health(self) -> dict[str, Any]:
         with self._lock:
@@ -280,11 +286,30 @@ class Engine:
             raise ModelNotFoundError(f"The model {model!r} does not exist", param="model")
         return model
 
+    def _tool_format(self) -> ToolFormat:
+        try:
+            return tool_format(self._tok)
+        except TunelabError as e:
+            raise InvalidRequestError(str(e), param="tools", code="tools_not_supported") from e
+
+    def _constraint(self, req: GenerationRequest, fmt: ToolFormat | None) -> RowConstraint | None:
+        c = req.sampling.constraint
+        if c is None:
+            return None
+        n_vocab = int(self._base.get_output_embeddings().weight.shape[0])
+        try:
+            return constrained.build(self._tok, n_vocab, self._eos, c, fmt)
+        except constrained.GrammarError as e:
+            param = "tool_choice" if c.kind == "tool_call" else "response_format"
+            raise InvalidRequestError(f"{param} cannot be enforced: {e}", param=param) from e
+
     def _prompt_ids(self, request: GenerationRequest) -> list[int]:
         tok = self._tok
         if request.messages is not None:
+            if request.tools:
+                self._tool_format()  # a template that ignores tools is the client's 400, naming the template
             try:
-                ids = chat_prompt_ids(tok, request.messages)
+                ids = chat_prompt_ids(tok, request.messages, request.tools)
             except TunelabError as e:  # jinja raises its own errors for messages a template refuses
                 raise InvalidRequestError(f"the chat template refused these messages: {e.__cause__ or e}",
                                           param="messages") from e

@@ -57,9 +57,9 @@ def decode(tok: Any, ids: list[int]) -> str:
     return str(tok.decode(ids, skip_special_tokens=True))
 
 
-def chat_prompt_ids(tok: Any, messages: list[dict[str, Any]]) -> list[int]:
-    """A conversation rendered for generation, exactly as the server renders `messages`."""
-    return render_prompt_ids(tok, messages)
+def chat_prompt_ids(tok: Any, messages: list[dict[str, Any]], tools: list[dict[str, Any]] | None = None) -> list[int]:
+    """A conversation rendered for generation, exactly as the server renders `messages` (and `tools`)."""
+    return render_prompt_ids(tok, messages, tools)
 
 
 @dataclass(eq=False)
@@ -111,6 +111,14 @@ def sample(
             for i, (p, sp) in enumerate(zip(prompts, sampling, strict=True))]
     if any(not s.prompt_ids for s in seqs):
         raise ValueError("an empty prompt: give at least one token")
+    for s in seqs:  # structured output: the same per-row grammar masks as the server's engine
+        if (c := s.request.sampling.constraint) is not None:
+            from tunelab.data.templates import tool_format
+            from tunelab.engine import constrained
+
+            fmt = tool_format(tok) if c.kind == "tool_call" else None
+            s.constraint = constrained.build(tok, int(model.get_output_embeddings().weight.shape[0]),
+                                             rule.stop_ids, c, fmt)
     waiting: deque[Sequence] = deque(seqs[max_batch_size:])
 
     def admit(running: list[Sequence]) -> list[Sequence]:

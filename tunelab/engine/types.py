@@ -13,6 +13,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol, runtime_checkable
 
+from tunelab.data.templates import ToolFormat
+
 FinishReason = Literal["stop", "length"]
 
 
@@ -62,6 +64,17 @@ class EngineUnavailableError(EngineError):
 
 
 @dataclass(frozen=True)
+class Constraint:
+    """What a request's output must be, enforced token by token (tunelab.engine.constrained): kind "json" is
+    one JSON object, valid under `schema` (JSON text) when given; kind "tool_call" is one call, written in the
+    chat template's tool format, to one of `functions` ((name, parameters schema JSON text) pairs)."""
+
+    kind: Literal["json", "tool_call"]
+    schema: str | None = None
+    functions: tuple[tuple[str, str], ...] = ()
+
+
+@dataclass(frozen=True)
 class SamplingParams:
     """How to pick tokens for one sequence. temperature 0 is greedy; `seed` makes sampling repeatable."""
 
@@ -75,18 +88,21 @@ class SamplingParams:
     top_k: int = 0  # 0: off
     repetition_penalty: float = 1.0  # 1.0: off
     logprobs: bool = False  # record each generated token's log-prob (for RL rollouts and reference checks)
+    constraint: Constraint | None = None  # structured output: the grammar the tokens must follow
 
 
 @dataclass(frozen=True)
 class GenerationRequest:
     """One sequence to generate. Exactly one of `prompt` (text or token ids) and `messages` (chat turns,
-    rendered with the tokenizer's chat template) is set."""
+    rendered with the tokenizer's chat template) is set; `tools` (OpenAI function definitions) are rendered
+    into a chat prompt by the template, which must support them."""
 
     model: str
     sampling: SamplingParams
     prompt: str | list[int] | None = None
     messages: list[dict[str, Any]] | None = None
     request_id: str = ""
+    tools: list[dict[str, Any]] | None = None
 
 
 @dataclass(frozen=True)
@@ -119,6 +135,7 @@ class GenerationStream(Protocol):
 
     request_id: str
     prompt_tokens: int
+    tool_format: ToolFormat | None  # how the template writes tool calls, for requests sent with tools
 
     def __aiter__(self) -> AsyncIterator[GenerationEvent]: ...
 

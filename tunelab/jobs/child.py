@@ -65,8 +65,10 @@ def openai_preference_to_tunelab(path: Path) -> bool:
         if isinstance(obj, dict) and "input" in obj and ("preferred_output" in obj or "non_preferred_output" in obj):
             inp = obj["input"]
             prompt = inp.get("messages") if isinstance(inp, dict) else inp
-            raw = json.dumps({"prompt": prompt, "chosen": obj.get("preferred_output"),
-                              "rejected": obj.get("non_preferred_output")}, ensure_ascii=False)
+            line = {"prompt": prompt, "chosen": obj.get("preferred_output"), "rejected": obj.get("non_preferred_output")}
+            if isinstance(inp, dict):  # OpenAI allows tools in the DPO input; they travel with the pair
+                line.update({k: inp[k] for k in ("tools", "parallel_tool_calls") if k in inp})
+            raw = json.dumps(line, ensure_ascii=False)
             changed = True
         out.append(raw)
     if changed:

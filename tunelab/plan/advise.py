@@ -3,8 +3,8 @@
 1. prompting: the base model with the user's instructions, zero-shot;
 2. retrieval: the k training examples most similar to each question (BM25, `bm25s`) put before it as earlier
    turns: the RAG-style baseline that needs no training;
-3. constrained decoding: listed when the task has a JSON schema, and reported unavailable while tunelab's
-   server has no structured-output mode;
+3. constrained decoding: when the task has a JSON schema, the base model zero-shot with its output held to
+   the schema (the server's `response_format: json_schema`), reported as the share of answers valid under it;
 4. a short LoRA probe: `tunelab train` for a few steps on the training file.
 
 Every option is scored by `tunelab eval`'s own code (tunelab.eval.run.evaluate on an EvalPlan), so the numbers
@@ -27,8 +27,6 @@ from tunelab.errors import ConfigError, TunelabError, read_yaml
 
 Log = Callable[[str], None]
 ANSWER_KEYS = {"data_changes": ("often", "sometimes", "rarely"), "calls_per_month": None, "target": None}
-CONSTRAINED_UNAVAILABLE = ("tunelab's server has no structured-output (JSON schema) decoding mode yet, so it "
-                           "cannot be measured here")
 
 
 @dataclass(frozen=True)
@@ -223,8 +221,8 @@ def advise(
     _write_jsonl(aug_path, aug)
     run("retrieval", aug_path, base, model, aug, 0.0)
     schema = ev.resolved_schema(p.config_dir)
-    constrained = ({"available": False, "reason": CONSTRAINED_UNAVAILABLE} if schema is not None else
-                   {"available": False, "reason": "the task has no eval.json_schema"})
+    constrained = (_constrained_rung(model, tok, evals, schema, sp, ev.generation.max_new_tokens, log)
+                   if schema is not None else {"available": False, "reason": "the task has no eval.json_schema"})
     if probe_steps > 0:
         log(f"[fine-tune] LoRA probe: {probe_steps} steps on {train_path}")
         run_dir, train_s = _probe(cfg, train_path, probe_steps, work / "probe")
@@ -239,6 +237,33 @@ def advise(
             "probe_steps": probe_steps, "options": rows, "constrained_decoding": constrained,
             "answers": answers.__dict__, "recommendation": rec,
             "examples": _examples(results, evals)}
+
+
+def _constrained_rung(model: Any, tok: Any, evals: list[Conversation], schema: dict[str, Any],
+                      system_prompt: str | None, max_new_tokens: int, log: Log) -> dict[str, Any]:
+    """Rung 3: zero-shot answers decoded under the schema (llguidance masks); the share that validate."""
+    import jsonschema
+
+    from tunelab.data.templates import encode_prompt
+    from tunelab.engine.sync import sample
+    from tunelab.engine.types import Constraint, SamplingParams
+
+    log("[constrained decoding] zero-shot, output held to eval.json_schema")
+    t0 = time.time()
+    prompts = [encode_prompt(tok, list(c.prompt), system_prompt) for c in evals]
+    sp = SamplingParams(max_new_tokens, temperature=0.0, constraint=Constraint("json", schema=json.dumps(schema)))
+    outs = sample(model, tok, prompts, sp)
+    valid = 0
+    for o in outs:
+        try:
+            jsonschema.validate(json.loads(o.text), schema)
+            valid += 1
+        except (ValueError, jsonschema.ValidationError):
+            pass  # an answer cut at max_new_tokens is not valid JSON
+    share = valid / max(len(outs), 1)
+    return {"available": True, "schema_valid": share, "latency_s": (time.time() - t0) / max(len(outs), 1),
+            "reason": f"{share:.0%} of zero-shot answers valid under eval.json_schema with constrained decoding "
+                      "(serve with response_format json_schema to get it)"}
 
 
 def _examples(results: dict[str, Any], evals: list[Conversation], n: int = 3) -> list[dict[str, Any]]:

@@ -217,7 +217,9 @@ def _print_advice(adv: dict[str, Any]) -> None:
         t.add_column(col, justify="left" if col == "option" else "right")
     for name, o in adv["options"].items():
         t.add_row(name, f"{o[m]:.1%}", f"{o['prompt_tokens']:.0f}", f"{o['latency_s']:.2f}", f"{o['training_s']:.0f}")
-    t.add_row("constrained decoding", "unavailable", "", "", "")
+    cd = adv["constrained_decoding"]
+    t.add_row("constrained decoding", f"{cd['schema_valid']:.0%} valid" if cd["available"] else "unavailable",
+              "", f"{cd['latency_s']:.2f}" if cd["available"] else "", "0" if cd["available"] else "")
     console.print(t)
     console.print(f"[dim]constrained decoding: {adv['constrained_decoding']['reason']}[/dim]")
     rec = adv["recommendation"]

@@ -34,7 +34,8 @@ def plan_section(run: Path) -> str:
         rows.append(f"<tr><td>{escape(name)}</td><td>{_pct(o.get(metric))}</td><td>{o['prompt_tokens']:.0f}</td>"
                     f"<td>{o['latency_s']:.2f}</td><td>{o['training_s']:.0f}</td></tr>")
     cd = adv.get("constrained_decoding", {})
-    rows.append(f"<tr><td>constrained decoding</td><td colspan=4 class=muted>unavailable: {escape(cd.get('reason', ''))}"
+    state = "" if cd.get("available") else "unavailable: "
+    rows.append(f"<tr><td>constrained decoding</td><td colspan=4 class=muted>{state}{escape(cd.get('reason', ''))}"
                 "</td></tr>")
     rec = adv["recommendation"]
     reasons = "".join(f"<li>{escape(r)}</li>" for r in rec["reasons"])

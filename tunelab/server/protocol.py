@@ -2,7 +2,8 @@
 responses (serialised as OpenAI clients expect). No logic beyond field checks.
 
 Unknown request fields are ignored, like OpenAI-compatible servers do; known ones we cannot honour
-(tools, tool_choice, logprobs, echo, ...) are refused with a 400 naming the field rather than silently dropped.
+(logprobs, echo, ...) are refused with a 400 naming the field rather than silently dropped. Tools and
+`response_format` are checked in tunelab.server.tools.
 Types are strict (pydantic strict mode): `"stream": "yes"` or `"n": true` is a 400, not a guess; numbers are
 bounded (a `seed` must fit a 63-bit generator seed).
 """
@@ -79,6 +80,8 @@ class ChatMessage(BaseModel):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[dict[str, Any]] | None = None
+    tool_call_id: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -106,13 +109,6 @@ class ChatCompletionRequest(_GenerationFields):
     def unsupported(self) -> str | None:
         if self.logprobs or self.top_logprobs:
             return "logprobs"
-        # Tool calling is not supported yet: any tool field (even an empty list) is refused rather than ignored,
-        # so a client never takes a plain answer for a model that chose not to call its tool.
-        for name in ("tools", "tool_choice", "parallel_tool_calls", "functions", "function_call"):
-            if getattr(self, name) is not None:
-                return name
-        if self.response_format and self.response_format.get("type", "text") != "text":
-            return "response_format"
         for i, m in enumerate(self.messages):
             if m.has_non_text():
                 return f"messages.{i}.content"
@@ -173,7 +169,9 @@ class ModelList(BaseModel):
 
 class AssistantMessage(BaseModel):
     role: Literal["assistant"] = "assistant"
-    content: str
+    content: str | None
+    # Only in answers that called tools, as OpenAI sends it (a plain answer has no tool_calls key).
+    tool_calls: list[dict[str, Any]] | None = Field(default=None, exclude_if=lambda v: v is None)
 
 
 class ChatChoice(BaseModel):

@@ -4,6 +4,12 @@ responses (whole or streamed as server-sent events). Routes stay thin; the engin
 `n` choices and multiple prompts fan out into one engine request each (the engine batches them together);
 their outputs are merged back by choice index. A client that disconnects cancels every engine request it
 caused, whether it was streaming or waiting for a whole response.
+
+Chat requests with `tools` are rendered with them by the chat template; the answer is parsed back into
+`tool_calls` in the template's format (tunelab.server.tools). `tool_choice` "required" or a named function,
+and `response_format` json_object/json_schema, are enforced by the engine's constrained decoding. A streamed
+answer that may be a tool call is held back until it is known; a call is then sent as OpenAI's tool-call
+deltas (id, name, then the arguments).
 """
 
 from __future__ import annotations
@@ -43,6 +49,15 @@ from tunelab.server.protocol import (
     _GenerationFields,
 )
 from tunelab.server.settings import ServerSettings
+from tunelab.server.tools import (
+    ParsedCall,
+    ToolPlan,
+    check_tools,
+    may_be_call,
+    parse_tool_calls,
+    plan_tools,
+    response_constraint,
+)
 
 T = TypeVar("T")
 _DONE = object()
@@ -111,6 +126,46 @@ async def _merge(streams: list[GenerationStream]) -> AsyncGenerator[tuple[int, G
             t.cancel()
 
 
+@dataclass
+class _ToolParsing:
+    """Per choice, the tool format to parse its answer with (None: plain text), and the declared names."""
+
+    formats: list[Any]
+    names: set[str]
+
+    def start(self) -> list[str | None]:
+        """Held-back text per choice: "" while the answer may still be a tool call, None once it is text."""
+        return ["" if f is not None else None for f in self.formats]
+
+
+def _call_deltas(index: int, call: dict[str, Any]) -> list[dict[str, Any]]:
+    """OpenAI's streamed shape of one tool call: id, type and name first, then the arguments."""
+    fn = call["function"]
+    return [
+        {"role": "assistant", "tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                                              "function": {"name": fn["name"], "arguments": ""}}]} if index == 0
+        else {"tool_calls": [{"index": index, "id": call["id"], "type": "function",
+                              "function": {"name": fn["name"], "arguments": ""}}]},
+        {"tool_calls": [{"index": index, "function": {"arguments": fn["arguments"]}}]},
+    ]
+
+
+def _template_call(call: dict[str, Any], param: str) -> dict[str, Any]:
+    """An assistant message's tool call as templates want it: arguments as an object; 400 when malformed."""
+    fn = call.get("function")
+    if not isinstance(fn, dict) or not isinstance(fn.get("name"), str):
+        raise APIError(400, f"{param}.function must be an object with a name", param=f"{param}.function",
+                       code="invalid_value")
+    try:
+        args = json.loads(fn.get("arguments") or "{}")
+    except (TypeError, json.JSONDecodeError):
+        args = None
+    if not isinstance(args, dict):
+        raise APIError(400, f"{param}.function.arguments must be a string holding a JSON object",
+                       param=f"{param}.function.arguments", code="invalid_value")
+    return {"id": call.get("id", ""), "type": "function", "function": {"name": fn["name"], "arguments": args}}
+
+
 def _sse(data: dict[str, Any] | str) -> str:
     return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
 
@@ -135,9 +190,7 @@ class OpenAIServing:
     def _sampling(self, req: _GenerationFields, max_tokens: int | None) -> SamplingParams:
         bad = req.unsupported()
         if bad:
-            why = (": tool calling is not available yet; send the request without it"
-                   if "tool" in bad or "function" in bad else "")
-            raise APIError(400, f"{bad} is not supported by this server{why}", param=bad, code="unsupported_parameter")
+            raise APIError(400, f"{bad} is not supported by this server", param=bad, code="unsupported_parameter")
         limit = self.settings.max_tokens_limit
         if max_tokens is not None and max_tokens > limit:
             raise APIError(400, f"max_tokens is {max_tokens}, above this server's limit of {limit}",
@@ -173,28 +226,69 @@ class OpenAIServing:
         return dataclasses.replace(sp, seed=sp.seed + i)
 
     # ------------------------------------------------------------------ chat
+    @staticmethod
+    def _tool_plan(req: ChatCompletionRequest) -> ToolPlan:
+        legacy = req.functions is not None and req.tools is None
+        tools = check_tools(req.tools, req.functions) if req.tools is not None or req.functions is not None else []
+        if legacy:
+            return plan_tools(tools, req.function_call, req.parallel_tool_calls, "function_call")
+        return plan_tools(tools, req.tool_choice, req.parallel_tool_calls)
+
+    @staticmethod
+    def _template_messages(req: ChatCompletionRequest) -> list[dict[str, Any]]:
+        """The request's messages as a chat template reads them (tool-call arguments as objects)."""
+        out: list[dict[str, Any]] = []
+        for i, m in enumerate(req.messages):
+            d: dict[str, Any] = {"role": "system" if m.role == "developer" else m.role, "content": m.text()}
+            if m.name is not None:
+                d["name"] = m.name
+            if m.tool_call_id is not None:
+                d["tool_call_id"] = m.tool_call_id
+            if m.tool_calls:
+                d["tool_calls"] = [_template_call(c, f"messages[{i}].tool_calls[{j}]")
+                                   for j, c in enumerate(m.tool_calls)]
+            out.append(d)
+        return out
+
     async def chat(self, req: ChatCompletionRequest, request: Request) -> Response:
         sp = self._sampling(req, req.max_completion_tokens or req.max_tokens)
-        messages = [{"role": "system" if m.role == "developer" else m.role, "content": m.text()}
-                    for m in req.messages]
+        plan = self._tool_plan(req)
+        fmt_constraint = response_constraint(req.response_format)
+        if fmt_constraint is not None and plan.constraint is not None:
+            raise APIError(400, "response_format cannot be combined with a forced tool call (tool_choice "
+                           "required or a named function)", param="response_format", code="invalid_value")
+        constraint = plan.constraint or fmt_constraint
+        if constraint is not None:
+            sp = dataclasses.replace(sp, constraint=constraint)
+        messages = self._template_messages(req)
         rid = f"chatcmpl-{uuid.uuid4().hex}"
-        gens = [GenerationRequest(req.model, self._seeded(sp, i), messages=messages, request_id=f"{rid}-{i}")
+        gens = [GenerationRequest(req.model, self._seeded(sp, i), messages=messages, request_id=f"{rid}-{i}",
+                                  tools=plan.tools)
                 for i in range(req.n)]
         streams = await self._submit(gens)
         prompt_tokens = streams[0].prompt_tokens
+        names = {t["function"]["name"] for t in plan.tools or []}
+        parse = [s.tool_format if plan.parse and names else None for s in streams]
         if req.stream:
             include_usage = bool(req.stream_options and req.stream_options.include_usage)
-            return await self._stream(request, streams, rid, req.model, "chat", prompt_tokens, include_usage)
+            return await self._stream(request, streams, rid, req.model, "chat", prompt_tokens, include_usage,
+                                      _ToolParsing(parse, names))
         choices = await self._collect(request, streams)
         if choices is None:
             return Response(status_code=499)
         usage = Usage(prompt_tokens=prompt_tokens, completion_tokens=sum(c.tokens for c in choices),
                       total_tokens=prompt_tokens + sum(c.tokens for c in choices))
-        body = ChatCompletionResponse(
-            id=rid, model=req.model, usage=usage,
-            choices=[ChatChoice(index=i, message=AssistantMessage(content="".join(c.text)), finish_reason=c.finish_reason)
-                     for i, c in enumerate(choices)],
-        )
+        out: list[ChatChoice] = []
+        for i, c in enumerate(choices):
+            content: str | None = "".join(c.text)
+            fmt = parse[i]
+            calls: list[ParsedCall] = []
+            if fmt is not None and content:
+                content, calls = parse_tool_calls(content, fmt, names)
+            message = AssistantMessage(content=content, tool_calls=[k.to_json() for k in calls] or None)
+            finish = "tool_calls" if calls and c.finish_reason == "stop" else c.finish_reason
+            out.append(ChatChoice(index=i, message=message, finish_reason=finish))
+        body = ChatCompletionResponse(id=rid, model=req.model, usage=usage, choices=out)
         return JSONResponse(body.model_dump(mode="json"))
 
     # ------------------------------------------------------------------ completions
@@ -248,7 +342,7 @@ class OpenAIServing:
     # ------------------------------------------------------------------ streaming
     async def _stream(
         self, request: Request, streams: list[GenerationStream], rid: str, model: str, kind: str,
-        prompt_tokens: int, include_usage: bool,
+        prompt_tokens: int, include_usage: bool, tools: _ToolParsing | None = None,
     ) -> Response:
         created = int(time.time())
         merged = _merge(streams)
@@ -292,12 +386,31 @@ class OpenAIServing:
                         yield it
                     async for it in merged:
                         yield it
+                held = tools.start() if tools is not None else None
                 async for i, ev in items():
                     tokens[i] = ev.completion_tokens
-                    if ev.text:
-                        yield chunk([piece(i, ev.text, None)])
-                    if ev.finish_reason:
-                        yield chunk([piece(i, None if kind == "chat" else "", ev.finish_reason)])
+                    text = ev.text
+                    finish: str | None = ev.finish_reason
+                    if held is not None and tools is not None and held[i] is not None:
+                        held[i] = (held[i] or "") + text
+                        fmt = tools.formats[i]
+                        assert fmt is not None
+                        if finish:
+                            content, calls = parse_tool_calls(held[i] or "", fmt, tools.names)
+                            for k, call in enumerate(calls):
+                                for delta in _call_deltas(k, call.to_json()):
+                                    yield chunk([{"index": i, "delta": delta, "finish_reason": None, "logprobs": None}])
+                            text = content or ""
+                            finish = "tool_calls" if calls and finish == "stop" else finish
+                        elif may_be_call(held[i] or "", fmt):
+                            continue
+                        else:
+                            text = held[i] or ""
+                        held[i] = None
+                    if text:
+                        yield chunk([piece(i, text, None)])
+                    if finish:
+                        yield chunk([piece(i, None if kind == "chat" else "", finish)])
                 if include_usage:
                     done = sum(tokens)
                     yield chunk([], Usage(prompt_tokens=prompt_tokens, completion_tokens=done,

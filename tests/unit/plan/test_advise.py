@@ -138,3 +138,16 @@ def test_products_task_advice_is_retrieval(tmp_path: Path) -> None:
     assert adv["metric"] == "contains_answer"
     assert o["retrieval"]["contains_answer"] >= o["prompting"]["contains_answer"] + 0.3
     assert adv["recommendation"]["choice"] == "retrieval", adv["recommendation"]
+
+
+def test_constrained_rung_holds_zero_shot_answers_to_the_schema() -> None:
+    import tiny
+
+    from tunelab.data.records import Conversation, Message
+    from tunelab.plan.advise import _constrained_rung
+
+    schema = {"type": "object", "properties": {"label": {"enum": ["cat", "dog"]}, "n": {"type": "integer",
+              "minimum": 0, "maximum": 9}}, "required": ["label", "n"], "additionalProperties": False}
+    evals = [Conversation((Message("user", f"q{i}"), Message("assistant", "a"))) for i in range(3)]
+    got = _constrained_rung(tiny.tiny_model(), tiny.tiny_tokenizer(), evals, schema, None, 40, lambda s: None)
+    assert got["available"] is True and got["schema_valid"] == 1.0 and "100% of zero-shot answers" in got["reason"]
