@@ -27,6 +27,7 @@ from typing import Any
 
 import httpx
 
+from tunelab.data.templates import ToolFormat
 from tunelab.engine.adapters import (
     AdapterFolder,
     check_fits,
@@ -73,6 +74,7 @@ class VllmStream:
         self._response = response
         self.request_id = request_id
         self.prompt_tokens = prompt_tokens
+        self.tool_format: ToolFormat | None = None  # tools are refused at submit (see below)
         self.logprobs: list[float] = []
         self._cancelled = False
         self._finished = False
@@ -278,6 +280,15 @@ class VllmEngine:
         if self._closed or not self._proc.alive():
             raise EngineUnavailableError("the vLLM engine is not running")
         target = self._route(request.model)
+        # Tools and constrained decoding are our engine's (tunelab/engine/constrained.py, server/tools.py); this
+        # engine sends vLLM plain token ids, so it refuses them rather than silently ignore them.
+        if request.tools:
+            raise InvalidRequestError("tools are not supported with `--engine vllm` yet (use the tunelab engine)",
+                                      param="tools", code="tools_not_supported")
+        if request.sampling.constraint is not None:
+            param = "tool_choice" if request.sampling.constraint.kind == "tool_call" else "response_format"
+            raise InvalidRequestError(f"{param} is not supported with `--engine vllm` yet (use the tunelab engine)",
+                                      param=param)
         ids = self._prompt_ids(request)
         sp = request.sampling
         budget = self.max_model_len - len(ids)

@@ -95,6 +95,7 @@ class _CountedStream:
         self._inner, self._counter = inner, counter
         self.request_id = inner.request_id
         self.prompt_tokens = inner.prompt_tokens
+        self.tool_format = inner.tool_format
 
     def cancel(self) -> None:
         self._inner.cancel()
