@@ -11,7 +11,6 @@ $TUNELAB_CONSOLE_SCREENSHOTS when set (docs/console/ is refreshed that way).
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import shutil
@@ -28,19 +27,9 @@ pytest.importorskip("playwright.sync_api", reason="the browser tests need PyPI p
 if not Path(CHROMIUM).exists():
     pytest.skip(f"the browser tests need Debian's chromium at {CHROMIUM}", allow_module_level=True)
 
+import livejobs as J  # noqa: E402  (the live-server starter shared with tests/jobs)
 from playwright.sync_api import Browser, Page, expect, sync_playwright  # noqa: E402
 
-
-def _jobs_helpers() -> Any:
-    # tests/jobs/conftest.py owns the server starter; load it under its own name (it is not a package).
-    spec = importlib.util.spec_from_file_location("jobs_conftest", HERE.parent / "jobs" / "conftest.py")
-    assert spec is not None and spec.loader is not None
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
-
-
-J = _jobs_helpers()
 STATE: dict[str, Any] = {}
 
 
