@@ -37,6 +37,9 @@ class AdapterFolder:
     base_name: str | None
     use_dora: bool
     config: dict[str, Any]
+    system_prompt: str | None = None
+    """The run's `data.system_prompt` (a tunelab run folder's config.yaml): added to chat requests that bring no
+    system message, as training, `tunelab eval` and `tunelab generate` add it, so serving renders the same prompt."""
 
 
 def discover_adapters(root: Path) -> dict[str, Path]:
@@ -74,21 +77,35 @@ def read_adapter_folder(path: Path) -> AdapterFolder:
         raise AdapterError(f"{cfg_path}: peft_type is {peft_type or 'missing'!r}; only LoRA adapters can be served")
     if not (path / WEIGHTS).is_file() and not (path / "adapter_model.bin").is_file():
         raise AdapterError(f"{path}: no {WEIGHTS} (the adapter's weights are missing)")
-    base = config.get("base_model_name_or_path") or _tunelab_base(path)
-    return AdapterFolder(path, peft_type, str(base) if base else None, bool(config.get("use_dora")), config)
+    run = _run_config(path)
+    base = config.get("base_model_name_or_path") or _section_str(run, "model", "name")
+    return AdapterFolder(path, peft_type, str(base) if base else None, bool(config.get("use_dora")), config,
+                         system_prompt=_section_str(run, "data", "system_prompt"))
 
 
-def _tunelab_base(path: Path) -> str | None:
-    # A tunelab run records its base in the run folder's config.yaml (model.name), above RUN/adapter.
+def _run_config(path: Path) -> dict[str, Any]:
+    # A tunelab run (or a registry version) keeps its config.yaml in the folder above RUN/adapter.
     import yaml
 
     try:
         data = yaml.safe_load(RunDir(path.parent).config_path.read_text())
     except (OSError, yaml.YAMLError):
-        return None
-    model = data.get("model") if isinstance(data, dict) else None
-    name = model.get("name") if isinstance(model, dict) else None
-    return name if isinstance(name, str) else None
+        return {}
+    return data if isinstance(data, dict) else {}
+
+
+def _section_str(cfg: dict[str, Any], section: str, key: str) -> str | None:
+    sub = cfg.get(section)
+    value = sub.get(key) if isinstance(sub, dict) else None
+    return value if isinstance(value, str) and value else None
+
+
+def with_run_system_prompt(messages: list[dict[str, Any]], system_prompt: str | None) -> list[dict[str, Any]]:
+    """The request's messages with the run's system prompt first, unless they bring their own (the rule of
+    `tunelab.data.templates.with_system_prompt`, on the wire's dicts)."""
+    if not system_prompt or any(m.get("role") in ("system", "developer") for m in messages):
+        return messages
+    return [{"role": "system", "content": system_prompt}, *messages]
 
 
 def safetensors_shapes(path: Path) -> dict[str, tuple[int, ...]]:

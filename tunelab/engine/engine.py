@@ -28,7 +28,13 @@ import torch
 
 from tunelab.data.templates import ToolFormat, tool_format
 from tunelab.engine import constrained
-from tunelab.engine.adapters import AdapterFolder, check_fits, discover_adapters, read_adapter_folder
+from tunelab.engine.adapters import (
+    AdapterFolder,
+    check_fits,
+    discover_adapters,
+    read_adapter_folder,
+    with_run_system_prompt,
+)
 from tunelab.engine.batch import EngineStream, Sequence, run_batch
 from tunelab.engine.constrained import RowConstraint
 from tunelab.engine.sync import chat_prompt_ids, decode, pad_id, stop_rule, with_stop_rule
@@ -229,6 +235,12 @@ class Engine:
         if self._closed or not self._worker.is_alive():
             raise EngineUnavailableError("the engine is shutting down")
         adapter = self._route(request.model)
+        if adapter is not None and request.messages is not None:
+            with self._lock:
+                served = self._adapters.get(adapter)
+            if served is not None:
+                request = dataclasses.replace(request, messages=with_run_system_prompt(
+                    request.messages, served.folder.system_prompt))
         ids = self._prompt_ids(request)
         budget = self.max_model_len - len(ids)
         if request.sampling.fit_to_context and budget >= 1 and request.sampling.max_tokens > budget:

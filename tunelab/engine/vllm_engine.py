@@ -34,6 +34,7 @@ from tunelab.engine.adapters import (
     discover_adapters,
     read_adapter_folder,
     safetensors_shapes,
+    with_run_system_prompt,
 )
 from tunelab.engine.sync import chat_prompt_ids, stop_rule, with_stop_rule
 from tunelab.engine.types import (
@@ -280,6 +281,12 @@ class VllmEngine:
         if self._closed or not self._proc.alive():
             raise EngineUnavailableError("the vLLM engine is not running")
         target = self._route(request.model)
+        if request.messages is not None and request.model != self._name:
+            with self._lock:
+                served = self._adapters.get(request.model)
+            if served is not None:
+                request = dataclasses.replace(request, messages=with_run_system_prompt(
+                    request.messages, served.folder.system_prompt))
         # Tools and constrained decoding are our engine's (tunelab/engine/constrained.py, server/tools.py); this
         # engine sends vLLM plain token ids, so it refuses them rather than silently ignore them.
         if request.tools:
