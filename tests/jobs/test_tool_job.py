@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from conftest import ALICE, BOB, Server, start_server, wait_status
+from livejobs import ALICE, BOB, Server, start_server, wait_status
 from tiny import save_tiny, write_jsonl
 
 sys.path.insert(0, str(Path(__file__).parent.parent))
