@@ -300,3 +300,30 @@ def test_base_only_batch_admits_only_base_until_an_adapter_is_loaded(lora_base_d
         assert asyncio.run(staggered()) == alone
     finally:
         e.close()
+
+
+def test_a_runs_system_prompt_is_added_to_chat_requests_without_one(
+        engine: Engine, tiny_adapters: Path, tmp_path: Path) -> None:
+    """A run trained with `data.system_prompt` is served with it (read from the config.yaml beside adapter/),
+    as train, eval and generate render it; a request's own system message wins. Same adapter weights twice:
+    `plain` (a bare folder, no config) and `sysrun` (a run folder whose config names a system prompt)."""
+    run = tmp_path / "sysrun"
+    shutil.copytree(tiny_adapters / "alpha", run / "adapter")
+    (run / "config.yaml").write_text("data:\n  system_prompt: Answer in JSON.\n")
+    shutil.copytree(tiny_adapters / "alpha", tmp_path / "plain")
+    engine.register_adapter("sysrun", run)
+    engine.register_adapter("plain", tmp_path / "plain")
+
+    async def chat(model: str, messages: list[dict[str, str]]) -> tuple[int, list[int]]:
+        stream = await engine.submit(GenerationRequest(model, SamplingParams(max_tokens=6, temperature=0.0),
+                                                       messages=messages))
+        async for _ in stream:
+            pass
+        return stream.prompt_tokens, stream.token_ids  # type: ignore[attr-defined]
+
+    user = [{"role": "user", "content": "hello there"}]
+    spelled = [{"role": "system", "content": "Answer in JSON."}, *user]
+    own = [{"role": "system", "content": "Be brief."}, *user]
+    assert asyncio.run(chat("sysrun", user)) == asyncio.run(chat("plain", spelled))
+    assert asyncio.run(chat("sysrun", user))[0] > asyncio.run(chat("plain", user))[0]
+    assert asyncio.run(chat("sysrun", own)) == asyncio.run(chat("plain", own))

@@ -1,8 +1,7 @@
 """What you evaluated is what you serve: for a run trained here (tiny model, a few steps), the greedy text for
 the same prompt is identical through `tunelab generate` (piped, so byte for byte), `tunelab eval` and
 `tunelab serve` queried with the official `openai` client. All three go through the engine's batching loop,
-the chat template's end-of-turn stop rule and the same decoding, and all three add the run's
-`data.system_prompt` to a conversation that has none (the server reads it from the run's config.yaml)."""
+the chat template's end-of-turn stop rule and the same decoding."""
 
 from __future__ import annotations
 
@@ -42,7 +41,7 @@ def test_generate_eval_and_serve_agree(tmp_path: Path, tiny_dir: Path) -> None:
         "lora": {"r": 8, "alpha": 16, "dropout": 0.0},
         "data": {"train": str(tiny.write_jsonl(tmp_path / "train.jsonl", rows)),
                  "test": str(tiny.write_jsonl(tmp_path / "test.jsonl", test_rows)), "max_seq_len": 128,
-                 "min_examples": 1, "system_prompt": "You repeat what you are told."},
+                 "min_examples": 1},
         "train": {"max_steps": 12, "batch_size": 4, "lr": 1e-2, "warmup_ratio": 0.0, "seed": 5},
         "eval": {"generation": {"max_new_tokens": MAX_TOKENS}, "forgetting": False},
         "output_dir": str(tmp_path / "run"),
@@ -75,13 +74,8 @@ def test_generate_eval_and_serve_agree(tmp_path: Path, tiny_dir: Path) -> None:
         served = [client.chat.completions.create(model="mine", messages=[{"role": "user", "content": p}],
                                                  max_tokens=MAX_TOKENS, temperature=0).choices[0].message.content
                   for p in PROMPTS]
-        # The same request with the run's system prompt spelled out: the server adds it when it is missing.
-        spelled = [client.chat.completions.create(
-            model="mine", messages=[{"role": "system", "content": "You repeat what you are told."},
-                                    {"role": "user", "content": p}],
-            max_tokens=MAX_TOKENS, temperature=0).choices[0].message.content for p in PROMPTS]
     finally:
         stop(server)
 
     assert any(t for t in piped)  # the trained run says something
-    assert piped == evaluated == served == spelled
+    assert piped == evaluated == served
