@@ -33,9 +33,18 @@ COMMAND_MODULES: list[str] = [
 ]
 
 
+_registered = False
+
+
 def _register() -> None:
+    # Once per process: `main()` may be called many times in one process (tests, library users), and each
+    # registration adds every command again, so the command tree (and the time to build it) would grow per call.
+    global _registered
+    if _registered:
+        return
     for name in COMMAND_MODULES:
         importlib.import_module(name).register(app, data_app)
+    _registered = True
 
 
 def _quiet_libraries() -> None:

@@ -71,3 +71,18 @@ def test_bad_usage_is_a_clean_error(tmp_path: Path, capsys: pytest.CaptureFixtur
     with pytest.raises(SystemExit):
         main(["init", "--list"])
     assert "demo_clinical_lora (or demo)" in capsys.readouterr().out
+
+
+def test_main_registers_the_commands_once_per_process() -> None:
+    """Calling `main()` again (tests, library users) must not add every command again: the tree stayed the
+    same size, and building it stayed cheap, instead of growing with each call."""
+    import pytest as _pytest
+
+    from tunelab import cli
+
+    for _ in range(3):
+        with _pytest.raises(SystemExit):
+            cli.main(["--help"])
+    names = [c.name for c in cli.app.registered_commands]
+    groups = [g.name for g in cli.app.registered_groups]
+    assert len(names) == len(set(names)) and len(groups) == len(set(groups)), (names, groups)
