@@ -13,6 +13,7 @@ import json
 import logging
 import re
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -55,6 +56,20 @@ def discover_adapters(root: Path) -> dict[str, Path]:
         elif (run_adapter := RunDir(sub).adapter) is not None:
             found[sub.name] = run_adapter
     return found
+
+
+def register_new_adapters(root: Path, is_known: Callable[[str], bool], register: Callable[[str, Path], Any],
+                          rejected: dict[str, str]) -> None:
+    """Register the adapters that appeared under `root` since the last look (either engine's `refresh`); one
+    that cannot be served is remembered in `rejected` (path -> why) and not retried."""
+    for name, path in discover_adapters(root).items():
+        if is_known(name) or str(path) in rejected:
+            continue
+        try:
+            register(name, path)
+        except AdapterError as e:
+            rejected[str(path)] = e.message
+            log.warning("not serving %s: %s", path, e.message)
 
 
 def read_adapter_folder(path: Path) -> AdapterFolder:

@@ -31,8 +31,8 @@ from tunelab.engine import constrained
 from tunelab.engine.adapters import (
     AdapterFolder,
     check_fits,
-    discover_adapters,
     read_adapter_folder,
+    register_new_adapters,
     with_run_system_prompt,
 )
 from tunelab.engine.batch import EngineStream, Sequence, run_batch
@@ -219,17 +219,12 @@ class Engine:
 
     def refresh(self) -> None:
         """Pick up adapters that appeared in the adapters directory since the last look."""
-        if self._adapters_dir is None:
-            return
-        for name, path in discover_adapters(self._adapters_dir).items():
-            with self._lock:
-                if name in self._adapters or str(path) in self.rejected:
-                    continue
-            try:
-                self.register_adapter(name, path)
-            except AdapterError as e:
-                self.rejected[str(path)] = e.message
-                log.warning("not serving %s: %s", path, e.message)
+        if self._adapters_dir is not None:
+            register_new_adapters(self._adapters_dir, self._serves, self.register_adapter, self.rejected)
+
+    def _serves(self, name: str) -> bool:
+        with self._lock:
+            return name in self._adapters
 
     async def submit(self, request: GenerationRequest) -> EngineStream:
         if self._closed or not self._worker.is_alive():
