@@ -124,4 +124,7 @@ def test_real_smollm2_adapter_loads_offline_with_peft(tmp_path: Path) -> None:
     got = _peft_logits_offline(tmp_path / "adapter", tmp_path / "hf", tmp_path / "logits.pt")
     with torch.no_grad():
         want = pm(torch.tensor([[5, 6, 7, 8]])).logits
-    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    # Same weights, other process: fp32 sums over 576-wide rows in another thread count differ by ~1e-3 on
+    # logits of size ~20 (measured 1.6e-3), so the bound is on that scale; the predictions must be the same.
+    torch.testing.assert_close(got, want, atol=5e-3, rtol=1e-3)
+    assert torch.equal(got.argmax(-1), want.argmax(-1))
