@@ -27,7 +27,7 @@ def test_train_generate_merge_smollm2(tmp_path: Path) -> None:
     rows = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     assert rows[0]["baseline"] and [r["step"] for r in rows if "train_loss" in r] == [1, 2]
     cfg = json.loads((run / "adapter" / "adapter_config.json").read_text())
-    assert cfg["base_model_name_or_path"] == "smollm2-135m-instruct" and cfg["r"] == 16
+    assert cfg["base_model_name_or_path"] == "HuggingFaceTB/SmolLM2-135M-Instruct" and cfg["r"] == 16  # the hub id
     g = subprocess.run([sys.executable, "-m", "tunelab.cli", "generate", str(run), "--prompt", "Hi", "--max-tokens", "8"],
                        capture_output=True, text=True, env=env, timeout=600)
     assert g.returncode == 0 and g.stdout.strip(), g.stderr[-2000:]
