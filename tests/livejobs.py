@@ -37,15 +37,12 @@ class Server:
                 self.proc.kill()
 
 
-def start_server(model_dir: Path, data_dir: Path, keys_file: Path, *extra: str, timeout: float = 180,
-                 max_steps: int | None = 8, base: str = BASE) -> Server:
-    """`tunelab serve` on 127.0.0.1 and a free port, the model served as `base`; jobs train `max_steps` steps
-    (None: the jobs' own defaults). Returns once the server prints its URL."""
+def serve_process(args: list[str], timeout: float = 180) -> tuple[subprocess.Popen[str], str, list[str],
+                                                                  threading.Thread]:
+    """`tunelab serve ARGS` in a subprocess; returns (process, its /v1 URL, the lines it printed, the reader
+    thread) once it prints its URL."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    steps = ["--set", f"train.max_steps={max_steps}"] if max_steps is not None else []
-    cmd = [sys.executable, "-c", "from tunelab.cli import main; main()", "serve", "--host", "127.0.0.1", "--port", "0",
-           "--model", str(model_dir), "--served-model-name", base, "--data-dir", str(data_dir),
-           "--api-keys-file", str(keys_file), *steps, *extra]
+    cmd = [sys.executable, "-c", "from tunelab.cli import main; main()", "serve", *args]
     proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
     lines: list[str] = []
     found = threading.Event()
@@ -58,12 +55,24 @@ def start_server(model_dir: Path, data_dir: Path, keys_file: Path, *extra: str, 
                 found.set()
         found.set()
 
-    threading.Thread(target=reader, daemon=True).start()
+    thread = threading.Thread(target=reader, daemon=True)
+    thread.start()
     found.wait(timeout)
     url = next((m.group(1) for m in (re.match(r"serving on (\S+)", ln) for ln in lines) if m), None)
     if url is None:
         proc.kill()
         raise AssertionError("server did not start:\n" + "\n".join(lines))
+    return proc, url, lines, thread
+
+
+def start_server(model_dir: Path, data_dir: Path, keys_file: Path, *extra: str, timeout: float = 180,
+                 max_steps: int | None = 8, base: str = BASE) -> Server:
+    """`tunelab serve` on 127.0.0.1 and a free port, the model served as `base`; jobs train `max_steps` steps
+    (None: the jobs' own defaults). Returns once the server prints its URL."""
+    steps = ["--set", f"train.max_steps={max_steps}"] if max_steps is not None else []
+    proc, url, lines, _ = serve_process(
+        ["--host", "127.0.0.1", "--port", "0", "--model", str(model_dir), "--served-model-name", base,
+         "--data-dir", str(data_dir), "--api-keys-file", str(keys_file), *steps, *extra], timeout)
     return Server(proc, url, lines)
 
 

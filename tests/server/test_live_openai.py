@@ -3,18 +3,17 @@ adapters and a broken adapter folder: models, chat per model, streaming, errors,
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 import openai
 import pytest
+from livejobs import serve_process
 
 KEY = "sk-test-123"
 
@@ -25,28 +24,7 @@ class Server:
 
 
 def start_serve(args: list[str], timeout: float = 120) -> Server:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    cmd = [sys.executable, "-c", "from tunelab.cli import main; main()", "serve", "--port", "0", "--no-jobs", *args]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
-    lines: list[str] = []
-    found = threading.Event()
-
-    def reader() -> None:
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            lines.append(line.rstrip("\n"))
-            if line.startswith("try:"):
-                found.set()
-        found.set()
-
-    thread = threading.Thread(target=reader, daemon=True)
-    thread.start()
-    found.wait(timeout)
-    url = next((m.group(1) for m in (re.match(r"serving on (\S+)", ln) for ln in lines) if m), None)
-    if url is None:
-        proc.kill()
-        raise AssertionError("server did not start:\n" + "\n".join(lines))
-    return Server(proc, url, lines, thread)
+    return Server(*serve_process(["--port", "0", "--no-jobs", *args], timeout))
 
 
 def stop(server: Server) -> int:
