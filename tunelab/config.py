@@ -38,7 +38,8 @@ class ModelConfig(_Strict):
 class LoraConfig(_Strict):
     r: int = Field(16, ge=1, le=1024)
     alpha: float = Field(32, gt=0)
-    dropout: float = Field(0.05, ge=0, lt=1)
+    dropout: float = Field(0.0, ge=0, lt=1)
+    """0 skips the dropout mask (PEFT uses nn.Identity); on the demo 0 and 0.05 scored the same (docs/benchmarks.md)."""
     target_modules: list[str] | Literal["all-linear"] = "all-linear"
     rslora: bool = False
     """Scale by alpha/sqrt(r) instead of alpha/r (stable at high ranks)."""
@@ -90,6 +91,9 @@ class TrainConfig(_Strict):
     schedule: Literal["cosine", "linear", "constant"] = "cosine"
     max_grad_norm: float | None = Field(1.0, gt=0)
     gradient_checkpointing: bool = False
+    loss_chunk: int = Field(256, ge=0)
+    """SFT: the LM head and cross-entropy run this many positions at a time, so the (tokens x vocabulary) fp32
+    logits never exist whole (same loss and gradients); 0 = all at once."""
     fsdp: bool = False
     """Full fine-tuning sharded across processes (FSDP2) when launched with several; ignored in one process."""
     optimizer: Literal["adamw", "paged_adamw"] = "adamw"

@@ -8,6 +8,8 @@ makes gradient accumulation and data parallelism exactly equivalent to one big b
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 import torch.nn.functional as F
 
@@ -46,3 +48,78 @@ def sequence_logps(
     sums = torch.zeros(num_segments, dtype=logp.dtype, device=logp.device).index_add(0, segment_ids, logp)
     counts = torch.zeros(num_segments, dtype=logp.dtype, device=logp.device).index_add(0, segment_ids, mask.to(logp.dtype))
     return sums, counts
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """`sft_loss(hidden @ weight.T, targets, num_items)` computed `chunk` rows at a time, so the (N, V) fp32
+    logits never exist whole. The gradients are worked out in the forward pass, chunk by chunk (the loss is
+    a scalar at the end of the graph: d loss / d logits = (softmax - onehot) / num_items), and only the
+    (N, H) gradient of `hidden` (and of `weight`, when it trains) is kept: the FLOPs are those of the
+    unchunked loss, with no recomputation in backward."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_items: float, chunk: int,
+        compute_dtype: torch.dtype, need_h: bool, need_w: bool,
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        correct = torch.zeros((), dtype=torch.long, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        w = weight.to(compute_dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, hidden.shape[0], chunk):
+                h = hidden[s : s + chunk].to(compute_dtype)
+                t = targets[s : s + chunk]
+                valid = t != IGNORE_INDEX
+                safe = t.clamp(min=0).unsqueeze(-1)
+                logits = (h @ w.t()).float()  # the reference's logits: matmul in compute_dtype, loss in fp32
+                lse = torch.logsumexp(logits, dim=-1)
+                loss_sum += ((lse - logits.gather(-1, safe).squeeze(-1)) * valid).sum()
+                correct += ((logits.argmax(-1) == t) & valid).sum()
+                if grad_h is None and grad_w is None:
+                    continue
+                g = logits.sub_(lse.unsqueeze(-1)).exp_()  # softmax, in place
+                g.scatter_add_(-1, safe, torch.full_like(lse, -1.0).unsqueeze(-1))
+                g.mul_((valid.to(g.dtype) / num_items).unsqueeze(-1))
+                g16 = g.to(compute_dtype)
+                if grad_h is not None:
+                    grad_h[s : s + chunk] = g16 @ w
+                if grad_w is not None:
+                    grad_w += (g16.t() @ h).float()
+        ctx.save_for_backward(*(x for x in (grad_h, grad_w) if x is not None))
+        ctx.has = (grad_h is not None, grad_w is not None)
+        ctx.weight_dtype = weight.dtype
+        raw = loss_sum.clone()
+        ctx.mark_non_differentiable(raw, correct)
+        return loss_sum / num_items, raw, correct
+
+    @staticmethod
+    def backward(ctx: Any, grad_loss: torch.Tensor, *_: Any) -> tuple[Any, ...]:
+        saved = list(ctx.saved_tensors)
+        gh = gw = None
+        if ctx.has[0]:
+            g = saved.pop(0)
+            gh = g * grad_loss.to(g.dtype)
+        if ctx.has[1]:
+            gw = (saved.pop(0) * grad_loss.float()).to(ctx.weight_dtype)
+        return gh, gw, None, None, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_items: float, chunk: int = 1024
+) -> tuple[torch.Tensor, dict[str, float]]:
+    """`sft_loss` of the logits `hidden @ weight.T` (an LM head without bias), `chunk` positions at a time:
+    the same loss, gradients (of `hidden` and of `weight`) and metrics, without the (N, V) fp32 logits.
+
+    hidden: (N, H) final hidden states at the kept positions; weight: (V, H); targets: (N,) with IGNORE_INDEX.
+    Under autocast the logits are computed in the autocast dtype, as `F.linear` would.
+    """
+    dev = hidden.device.type
+    compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    grad = torch.is_grad_enabled()
+    loss, loss_sum, correct = _LinearCrossEntropy.apply(
+        hidden, weight, targets, float(num_items), max(1, chunk), compute,
+        grad and hidden.requires_grad, grad and weight.requires_grad)
+    n = int((targets != IGNORE_INDEX).sum().item())
+    return loss, {"loss_sum": float(loss_sum.item()), "tokens": n, "correct": float(correct.item())}

@@ -1,7 +1,10 @@
 """Supervised fine-tuning: next-token cross-entropy on the trained (by default assistant) tokens.
 
 Batches are packed padding-free by default (see tunelab.data.packing); the LM head runs only on positions
-whose next token is trained (`logits_to_keep`), which skips most of the vocabulary projection on prompts.
+whose next token is trained. By default it runs there in chunks fused with the loss
+(`tunelab.losses.linear_cross_entropy`, `train.loss_chunk`), so the (tokens x vocabulary) logits never exist
+whole; models whose head is more than a plain linear layer (soft-capped or scaled logits, an adapted or
+sharded head) get the reference path, `forward_kept_logits` + `sft_loss`.
 """
 
 from __future__ import annotations
@@ -9,29 +12,88 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 
 from tunelab.data.packing import pack_rows, pad
 from tunelab.data.records import Conversation
 from tunelab.data.templates import Encoded, encode
-from tunelab.losses import sft_loss
+from tunelab.losses import linear_cross_entropy, sft_loss
 from tunelab.train.loop import Method
+
+
+def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    if "position_ids" in batch:  # packed: per-example positions, no attention mask
+        return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
+    return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def kept(x: torch.Tensor, batch: dict[str, torch.Tensor], cols_taken: bool) -> torch.Tensor:
+    """Rows (N, ...) of a per-position tensor (B, L, ...) at the kept positions, in `targets` order.
+    `cols_taken`: x already holds only the kept columns of a packed batch (logits_to_keep)."""
+    if "position_ids" not in batch:
+        return x.reshape(-1, *x.shape[2:])[batch["keep_flat"]]
+    if not cols_taken:
+        x = x[:, batch["keep"]]
+    if "sel" in batch:  # several rows: the kept columns are a union; pick each row's own targets
+        return x.reshape(-1, *x.shape[2:])[batch["sel"]]
+    return x[0]
 
 
 def forward_kept_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits (N, V) at the kept positions of a packed or padded batch, in `targets` order."""
-    if "position_ids" in batch:  # packed: per-example positions, no attention mask
-        out = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], logits_to_keep=batch["keep"],
-                    use_cache=False)
-        if "sel" in batch:  # several rows: the kept columns are a union; pick each row's own targets
-            return out.logits.reshape(-1, out.logits.shape[-1])[batch["sel"]]
-        return out.logits[0]
-    out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"], use_cache=False)
-    return out.logits.reshape(-1, out.logits.shape[-1])[batch["keep_flat"]]
+    if "position_ids" in batch:
+        out = model(**_model_inputs(batch), logits_to_keep=batch["keep"], use_cache=False)
+        return kept(out.logits, batch, cols_taken=True)
+    out = model(**_model_inputs(batch), use_cache=False)
+    return kept(out.logits, batch, cols_taken=False)
+
+
+def forward_kept_hidden(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """Final hidden states (N, H) at the kept positions (the LM head's inputs), in `targets` order; the head
+    itself runs on no position."""
+    none = torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device)
+    out = model(**_model_inputs(batch), logits_to_keep=none, output_hidden_states=True, use_cache=False)
+    return kept(out.hidden_states[-1], batch, cols_taken=False)
+
+
+def _inner(model: Any) -> Any:
+    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
+
+
+def plain_lm_head(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
+    """The LM head's weight when logits are exactly `final_hidden @ weight.T`, else None.
+
+    Checked, not assumed: a plain bias-free nn.Linear with an ordinary tensor weight (not a sharded DTensor),
+    and the model's own logits on the batch's first few tokens equal that product (soft-capping or scaling
+    models such as Gemma 2 or Granite fail it)."""
+    from torch.distributed.tensor import DTensor
+
+    inner = _inner(model)
+    head = inner.get_output_embeddings()
+    if type(head) is not torch.nn.Linear or head.bias is not None or isinstance(head.weight, DTensor):
+        return None
+    probe = {k: v[:1, :8] for k, v in _model_inputs(batch).items()}
+    was_training = inner.training
+    inner.eval()  # no dropout: the probe draws no random numbers, so runs and resumes stay reproducible
+    try:
+        with torch.no_grad():
+            out = inner(**probe, output_hidden_states=True, use_cache=False)
+            mine = F.linear(out.hidden_states[-1], head.weight).float()
+            ref = out.logits.float()
+    finally:
+        inner.train(was_training)
+    ok = ref.shape == mine.shape and torch.allclose(mine, ref, rtol=1e-2, atol=1e-2 * float(ref.abs().max()) + 1e-6)
+    return head.weight if ok else None
 
 
 class SFT(Method):
     name = "sft"
     expect = "conversation"
+
+    def __init__(self, cfg: Any, tokenizer: Any) -> None:
+        super().__init__(cfg, tokenizer)
+        self._fused: bool | None = None
+        """Whether the chunked LM-head + loss path applies to this model (probed on the first batch)."""
 
     def encode(self, record: Any) -> Encoded | None:
         assert isinstance(record, Conversation)
@@ -48,8 +110,14 @@ class SFT(Method):
         return int(batch["targets"].numel())
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], num_items: float) -> tuple[torch.Tensor, dict[str, float]]:
-        logits = forward_kept_logits(model, batch)
-        loss, m = sft_loss(logits, batch["targets"], num_items)
+        chunk = self.cfg.train.loss_chunk
+        if chunk and self._fused is None:
+            self._fused = plain_lm_head(model, batch) is not None
+        if chunk and self._fused:
+            weight = _inner(model).get_output_embeddings().weight
+            loss, m = linear_cross_entropy(forward_kept_hidden(model, batch), weight, batch["targets"], num_items, chunk)
+        else:
+            loss, m = sft_loss(forward_kept_logits(model, batch), batch["targets"], num_items)
         return loss, {"loss_sum": m["loss_sum"], "items": m["tokens"], "correct": m["correct"]}
 
     def summarize(self, sums: dict[str, float]) -> dict[str, float]:
