@@ -1,12 +1,14 @@
 """SFT-LoRA throughput: tunelab vs TRL's SFTTrainer with its defaults, same model, data, batch, length, precision.
 
 Each framework runs in its own subprocess (so peak RSS is its own); both train SmolLM2-135M-Instruct with LoRA
-(r=16, alpha=32, dropout 0.05, all linear layers), bf16, batch 8, max length 1024, lr 2e-4, on the same
+(r=16, alpha=32, all linear layers), bf16, batch 8, max length 1024, lr 2e-4, on the same
 synthetic chat data whose lengths follow a log-normal spread (16..900 tokens). After `--warmup` steps the next
 `--steps` steps are timed. Reported: useful (non-padding) tokens per second, peak RSS, final loss, and model-FLOPs
-utilisation against a bf16 matmul peak measured in the same run.
+utilisation against a bf16 matmul peak measured in the same run. LoRA dropout: tunelab's default (0) for the
+tunelab rows; TRL with dropout 0.05 (the figures before issue 16), `trl-drop0` with PEFT's default 0.
 
     .venv/bin/python bench/sft_throughput.py --steps 8 --warmup 2
+    .venv/bin/python bench/sft_throughput.py --workers tunelab,tunelab+compile,trl,trl-drop0
 """
 
 from __future__ import annotations
@@ -24,8 +26,17 @@ from pathlib import Path
 from typing import Any
 
 BATCH, MAX_LEN, LR = 8, 1024, 2e-4
-# tunelab's default (no gradient checkpointing), tunelab with it (TRL's default), and TRL's SFTTrainer defaults.
-WORKERS = ("tunelab", "tunelab+gc", "trl")
+# tunelab's default (no gradient checkpointing), with it (TRL's default), with train.compile; TRL's SFTTrainer
+# defaults with LoRA dropout 0.05 and 0.
+# `tunelab-before`: the defaults before issue 16 (LoRA dropout 0.05, the whole logits at once).
+TUNELAB: dict[str, tuple[dict[str, Any], dict[str, Any]]] = {  # name -> (train overrides, lora overrides)
+    "tunelab": ({}, {}),
+    "tunelab+gc": ({"gradient_checkpointing": True}, {}),
+    "tunelab+compile": ({"compile": True}, {}),
+    "tunelab-before": ({"loss_chunk": 0}, {"dropout": 0.05}),
+}
+WORKERS = (*TUNELAB, "trl", "trl-drop0")
+DEFAULT_WORKERS = "tunelab,tunelab+gc,trl"
 WORDS = ("patient presents with acute chronic pain fever cough history of hypertension diabetes plan follow up "
          "return precautions medication dose daily twice assessment stable improving worse imaging labs normal "
          "the a of and to in with for on at by from").split()
@@ -64,7 +75,7 @@ def non_embedding_params(model: Any) -> int:
     return sum(p.numel() for n, p in model.named_parameters() if "embed" not in n and "lm_head" not in n)
 
 
-def run_tunelab(data: Path, steps: int, warmup: int, out: Path, gc: bool = False) -> dict[str, Any]:
+def run_tunelab(data: Path, steps: int, warmup: int, out: Path, name: str) -> dict[str, Any]:
     from tunelab.config import config_from_dict
     from tunelab.model.loading import load_model
     from tunelab.train.run import train
@@ -72,10 +83,10 @@ def run_tunelab(data: Path, steps: int, warmup: int, out: Path, gc: bool = False
 
     cfg = config_from_dict({
         "model": {"name": "smollm2-135m-instruct", "dtype": "bf16"},
-        "finetune": "lora", "lora": {"r": 16, "alpha": 32, "dropout": 0.05},
+        "finetune": "lora", "lora": {"r": 16, "alpha": 32, **TUNELAB[name][1]},
         "data": {"train": str(data), "max_seq_len": MAX_LEN},
         "train": {"max_steps": warmup + steps, "batch_size": BATCH, "lr": LR, "warmup_ratio": 0.0, "log_every": 1,
-                  "gradient_checkpointing": gc},
+                  **TUNELAB[name][0]},
         "eval": {"baseline": False}, "output_dir": str(out),
     })
     train(cfg, overwrite=True, show_progress=False)
@@ -84,10 +95,11 @@ def run_tunelab(data: Path, steps: int, warmup: int, out: Path, gc: bool = False
     toks = b["tokens_seen"] - a["tokens_seen"]
     secs = b["elapsed_s"] - a["elapsed_s"]
     n = non_embedding_params(load_model("smollm2-135m-instruct", dtype="bf16")[0])
-    return {"tokens_per_s": toks / secs, "final_loss": b["train_loss"], "tokens": toks, "seconds": secs, "params": n}
+    return {"tokens_per_s": toks / secs, "final_loss": b["train_loss"], "tokens": toks, "seconds": secs, "params": n,
+            "first_step_s": rows[0]["elapsed_s"]}
 
 
-def run_trl(data: Path, steps: int, warmup: int, out: Path) -> dict[str, Any]:
+def run_trl(data: Path, steps: int, warmup: int, out: Path, dropout: float = 0.05) -> dict[str, Any]:
     from datasets import load_dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, TrainerCallback
@@ -104,7 +116,7 @@ def run_trl(data: Path, steps: int, warmup: int, out: Path) -> dict[str, Any]:
     args = SFTConfig(output_dir=str(out), per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
                      max_length=MAX_LEN, bf16=True, learning_rate=LR, max_steps=warmup + steps, logging_steps=1,
                      report_to=[], save_strategy="no", use_cpu=True, warmup_steps=0, dataloader_num_workers=0)
-    peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules="all-linear", task_type="CAUSAL_LM")
+    peft_cfg = LoraConfig(r=16, lora_alpha=32, lora_dropout=dropout, target_modules="all-linear", task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=args, train_dataset=ds, processing_class=tok, peft_config=peft_cfg)
     counts: list[int] = []
     inner = trainer.data_collator
@@ -141,7 +153,10 @@ def worker(name: str, data: Path, steps: int, warmup: int) -> None:
     torch.manual_seed(0)
     with tempfile.TemporaryDirectory() as d:
         out = Path(d) / "out"
-        res = run_trl(data, steps, warmup, out) if name == "trl" else run_tunelab(data, steps, warmup, out, name == "tunelab+gc")
+        if name.startswith("trl"):
+            res = run_trl(data, steps, warmup, out, 0.0 if name == "trl-drop0" else 0.05)
+        else:
+            res = run_tunelab(data, steps, warmup, out, name)
     res["peak_rss_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     res["matmul_peak_gflops"] = matmul_peak() / 1e9
     print("RESULT " + json.dumps(res), flush=True)
@@ -153,6 +168,7 @@ def main() -> None:
     ap.add_argument("--warmup", type=int, default=2)
     ap.add_argument("--examples", type=int, default=256)
     ap.add_argument("--worker", choices=WORKERS)
+    ap.add_argument("--workers", default=DEFAULT_WORKERS, help=f"comma-separated, from {', '.join(WORKERS)}")
     ap.add_argument("--data")
     a = ap.parse_args()
     if a.worker:
@@ -162,7 +178,10 @@ def main() -> None:
         data = Path(d) / "data.jsonl"
         make_data(data, a.examples)
         results = {}
-        for name in WORKERS:
+        names = a.workers.split(",")
+        if "trl" not in names or "tunelab" not in names or not set(names) <= set(WORKERS):
+            sys.exit(f"--workers: tunelab and trl are needed, others from {', '.join(WORKERS)}")
+        for name in names:
             p = subprocess.run([sys.executable, __file__, "--worker", name, "--data", str(data), "--steps", str(a.steps),
                                 "--warmup", str(a.warmup)], capture_output=True, text=True,
                                env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
@@ -175,10 +194,12 @@ def main() -> None:
     # LoRA model FLOPs per token: forward 2N + backward through activations 2N (frozen weights get no grads).
     mfu = {k: 4 * t["params"] * v["tokens_per_s"] / peak for k, v in results.items()}
     print(f"\nSFT-LoRA on SmolLM2-135M, batch {BATCH}, max length {MAX_LEN}, bf16, {a.steps} timed steps")
-    print(f"{'':12} {'useful tok/s':>13} {'peak RSS MiB':>13} {'final loss':>11} {'MFU':>7}")
+    print(f"{'':16} {'useful tok/s':>13} {'peak RSS MiB':>13} {'final loss':>11} {'MFU':>7} {'step 1 s':>9}")
     for k, v in results.items():
-        print(f"{k:12} {v['tokens_per_s']:13.0f} {v['peak_rss_mib']:13.0f} {v['final_loss']:11.3f} {100 * mfu[k]:6.1f}%")
-    for k in ("tunelab", "tunelab+gc"):
+        first = f"{v['first_step_s']:9.1f}" if "first_step_s" in v else f"{'':9}"
+        print(f"{k:16} {v['tokens_per_s']:13.0f} {v['peak_rss_mib']:13.0f} {v['final_loss']:11.3f} {100 * mfu[k]:6.1f}% "
+              f"{first}")
+    for k in (k for k in results if k.startswith("tunelab")):
         v = results[k]
         print(f"{k} vs trl: {v['tokens_per_s'] / r['tokens_per_s']:.2f}x useful tokens/s, "
               f"{v['peak_rss_mib'] / r['peak_rss_mib']:.2f}x peak memory")

@@ -94,6 +94,9 @@ class TrainConfig(_Strict):
     loss_chunk: int = Field(256, ge=0)
     """SFT: the LM head and cross-entropy run this many positions at a time, so the (tokens x vocabulary) fp32
     logits never exist whole (same loss and gradients); 0 = all at once."""
+    compile: bool = False
+    """torch.compile each decoder layer (inductor; a C++ compiler on CPU). Pays on long runs: compiling costs a
+    fixed time up front (docs/benchmarks.md)."""
     fsdp: bool = False
     """Full fine-tuning sharded across processes (FSDP2) when launched with several; ignored in one process."""
     optimizer: Literal["adamw", "paged_adamw"] = "adamw"

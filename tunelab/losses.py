@@ -60,17 +60,27 @@ class _LinearCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(  # type: ignore[override]
         ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_items: float, chunk: int,
-        compute_dtype: torch.dtype, need_h: bool, need_w: bool,
+        compute_dtype: torch.dtype, need_h: bool, need_w: bool, compiled: bool,
     ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         loss_sum = torch.zeros((), dtype=torch.float32, device=hidden.device)
         correct = torch.zeros((), dtype=torch.long, device=hidden.device)
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         w = weight.to(compute_dtype)
+        fused = _compiled_chunk() if compiled else None
         with torch.autocast(hidden.device.type, enabled=False):
             for s in range(0, hidden.shape[0], chunk):
                 h = hidden[s : s + chunk].to(compute_dtype)
                 t = targets[s : s + chunk]
+                if fused is not None:
+                    ls, c, g16 = fused(h, w, t, 1.0 / num_items)
+                    loss_sum += ls
+                    correct += c
+                    if grad_h is not None:
+                        grad_h[s : s + chunk] = g16 @ w
+                    if grad_w is not None:
+                        grad_w += (g16.t() @ h).float()
+                    continue
                 valid = t != IGNORE_INDEX
                 safe = t.clamp(min=0).unsqueeze(-1)
                 logits = (h @ w.t()).float()  # the reference's logits: matmul in compute_dtype, loss in fp32
@@ -103,23 +113,50 @@ class _LinearCrossEntropy(torch.autograd.Function):
             gh = g * grad_loss.to(g.dtype)
         if ctx.has[1]:
             gw = (saved.pop(0) * grad_loss.float()).to(ctx.weight_dtype)
-        return gh, gw, None, None, None, None, None, None
+        return gh, gw, None, None, None, None, None, None, None
+
+
+def _chunk_loss_grad(
+    h: torch.Tensor, w: torch.Tensor, t: torch.Tensor, scale: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """One chunk written for torch.compile (out of place; inductor fuses it into a few passes over the logits):
+    (loss sum, correct count, d loss / d logits in h's dtype)."""
+    logits = (h @ w.t()).float()
+    valid = t != IGNORE_INDEX
+    safe = t.clamp(min=0)
+    lse = torch.logsumexp(logits, dim=-1)
+    loss = ((lse - logits.gather(-1, safe.unsqueeze(-1)).squeeze(-1)) * valid).sum()
+    correct = ((logits.argmax(-1) == t) & valid).sum()
+    onehot = F.one_hot(safe, logits.shape[-1]).to(logits.dtype)
+    g = (torch.exp(logits - lse.unsqueeze(-1)) - onehot) * (valid.to(logits.dtype) * scale).unsqueeze(-1)
+    return loss, correct, g.to(h.dtype)
+
+
+_COMPILED: list[Any] = []
+
+
+def _compiled_chunk() -> Any:
+    if not _COMPILED:
+        _COMPILED.append(torch.compile(_chunk_loss_grad, dynamic=True))
+    return _COMPILED[0]
 
 
 def linear_cross_entropy(
-    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_items: float, chunk: int = 1024
+    hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, num_items: float, chunk: int = 1024,
+    compiled: bool = False,
 ) -> tuple[torch.Tensor, dict[str, float]]:
     """`sft_loss` of the logits `hidden @ weight.T` (an LM head without bias), `chunk` positions at a time:
     the same loss, gradients (of `hidden` and of `weight`) and metrics, without the (N, V) fp32 logits.
 
     hidden: (N, H) final hidden states at the kept positions; weight: (V, H); targets: (N,) with IGNORE_INDEX.
-    Under autocast the logits are computed in the autocast dtype, as `F.linear` would.
+    Under autocast the logits are computed in the autocast dtype, as `F.linear` would. `compiled`: each chunk
+    runs through torch.compile (inductor), a fixed compile time for faster steps (`train.compile`).
     """
     dev = hidden.device.type
     compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
     grad = torch.is_grad_enabled()
     loss, loss_sum, correct = _LinearCrossEntropy.apply(
         hidden, weight, targets, float(num_items), max(1, chunk), compute,
-        grad and hidden.requires_grad, grad and weight.requires_grad)
+        grad and hidden.requires_grad, grad and weight.requires_grad, compiled)
     n = int((targets != IGNORE_INDEX).sum().item())
     return loss, {"loss_sum": float(loss_sum.item()), "tokens": n, "correct": float(correct.item())}

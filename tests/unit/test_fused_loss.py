@@ -134,3 +134,36 @@ def test_lora_dropout_defaults_to_zero_and_draws_no_mask() -> None:
     with torch.profiler.profile() as prof:
         pm(input_ids=torch.randint(0, 200, (1, 16))).logits.sum().backward()
     assert not any("bernoulli" in e.key for e in prof.key_averages())
+
+
+def test_compiled_chunks_equal_eager() -> None:
+    """train.compile's loss path (each chunk through torch.compile) against the eager one, gradients included."""
+    g = torch.Generator().manual_seed(3)
+    t = torch.randint(0, 50, (21,), generator=g)
+    t[::3] = IGNORE_INDEX
+    h0, w0 = torch.randn(21, 16, generator=g), torch.randn(50, 16, generator=g)
+    out = []
+    for compiled in (False, True):
+        h, w = h0.clone().requires_grad_(), w0.clone().requires_grad_()
+        loss, m = linear_cross_entropy(h, w, t, 9.0, 8, compiled=compiled)
+        loss.backward()
+        out.append((loss.item(), m, h.grad, w.grad))
+    assert out[1][0] == pytest.approx(out[0][0], rel=1e-6) and out[1][1]["correct"] == out[0][1]["correct"]
+    assert torch.allclose(out[1][2], out[0][2], atol=1e-6) and torch.allclose(out[1][3], out[0][3], atol=1e-6)
+
+
+def test_decoder_layers_found_under_peft() -> None:
+    from tunelab.model.adapters import apply_finetune
+    from tunelab.train.fastpath import decoder_layers
+
+    pm = apply_finetune(tiny.tiny_model(), "lora", LoraConfig(r=4))
+    assert len(decoder_layers(pm)) == 2
+    assert decoder_layers(torch.nn.Linear(2, 2)) == []
+
+
+@pytest.mark.slow
+def test_compiled_training_equals_eager_in_fp32(tmp_path: Path, tiny_dir: Path) -> None:
+    """train.compile changes no result in fp32 (bf16 rounds differently where inductor fuses ops)."""
+    runs = {c: train(make_cfg(tmp_path, tiny_dir, f"compile{c}", train={"compile": c, "max_steps": 3}))
+            for c in (False, True)}
+    assert _losses(runs[True].run_dir) == pytest.approx(_losses(runs[False].run_dir), rel=1e-5)

@@ -36,6 +36,7 @@ from tunelab.model.loading import bf16_supported, describe_parameters, load_mode
 from tunelab.rundir import ResumeEvent, RunDir, weights_name
 from tunelab.train import checkpoint as ckpt
 from tunelab.train import fsdp
+from tunelab.train.fastpath import prepare_for_speed
 from tunelab.train.hooks import finetune_hooks
 from tunelab.train.loop import (
     LoopContext,
@@ -251,6 +252,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
 
     model = apply_finetune(
         model, cfg.finetune, cfg.lora, total_steps=schedule_steps, gradient_checkpointing=cfg.train.gradient_checkpointing)
+    model = prepare_for_speed(model, cfg)
     if con is not None:
         con.print(f"[bold]{cfg.model.name}[/bold] · {cfg.finetune} · {cfg.method} · {describe_parameters(model)}")
     if sharded:

@@ -115,7 +115,8 @@ class SFT(Method):
             self._fused = plain_lm_head(model, batch) is not None
         if chunk and self._fused:
             weight = _inner(model).get_output_embeddings().weight
-            loss, m = linear_cross_entropy(forward_kept_hidden(model, batch), weight, batch["targets"], num_items, chunk)
+            loss, m = linear_cross_entropy(forward_kept_hidden(model, batch), weight, batch["targets"], num_items, chunk,
+                                           compiled=self.cfg.train.compile)
         else:
             loss, m = sft_loss(forward_kept_logits(model, batch), batch["targets"], num_items)
         return loss, {"loss_sum": m["loss_sum"], "items": m["tokens"], "correct": m["correct"]}
