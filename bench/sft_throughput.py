@@ -182,9 +182,10 @@ def main() -> None:
         if "trl" not in names or "tunelab" not in names or not set(names) <= set(WORKERS):
             sys.exit(f"--workers: tunelab and trl are needed, others from {', '.join(WORKERS)}")
         for name in names:
+            # A fresh inductor cache: step 1 of tunelab+compile is a cold compile, as a user's first run pays it.
+            env = {**os.environ, "TOKENIZERS_PARALLELISM": "false", "TORCHINDUCTOR_CACHE_DIR": str(Path(d) / "inductor")}
             p = subprocess.run([sys.executable, __file__, "--worker", name, "--data", str(data), "--steps", str(a.steps),
-                                "--warmup", str(a.warmup)], capture_output=True, text=True,
-                               env={**os.environ, "TOKENIZERS_PARALLELISM": "false"})
+                                "--warmup", str(a.warmup)], capture_output=True, text=True, env=env)
             line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
             if p.returncode or not line:
                 sys.exit(f"{name} failed:\n{p.stderr[-3000:]}")
