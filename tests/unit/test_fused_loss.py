@@ -167,3 +167,32 @@ def test_compiled_training_equals_eager_in_fp32(tmp_path: Path, tiny_dir: Path) 
     runs = {c: train(make_cfg(tmp_path, tiny_dir, f"compile{c}", train={"compile": c, "max_steps": 3}))
             for c in (False, True)}
     assert _losses(runs[True].run_dir) == pytest.approx(_losses(runs[False].run_dir), rel=1e-5)
+
+
+def test_lora_input_casts_skipped_under_autocast_change_nothing(tok: Any, tmp_path: Path, tiny_dir: Path) -> None:
+    """PEFT casts each LoRA input to the fp32 adapter dtype, which autocast casts straight back to bf16: SFT
+    skips that cast under autocast. Same loss, same gradients, bit for bit; fewer copies."""
+    from tunelab.data.packing import pack_rows
+    from tunelab.data.records import Conversation, Message
+    from tunelab.data.templates import encode
+    from tunelab.model.adapters import apply_finetune
+    from tunelab.train.sft import SFT
+
+    pm = apply_finetune(tiny.tiny_model(dtype=torch.bfloat16), "lora", LoraConfig(r=4))
+    g = torch.Generator().manual_seed(0)
+    for n, p in pm.named_parameters():
+        if "lora_B" in n:
+            torch.nn.init.normal_(p, std=0.1, generator=g)
+    items = [encode(tok, Conversation((Message("user", f"q {i} " * (i + 1)), Message("assistant", f"a {i} " * 3))))
+             for i in range(4)]
+    batch = pack_rows(items, int(tok.pad_token_id))
+    out = []
+    for finetune in ("lora", "dora"):  # the skip applies to plain LoRA only: "dora" keeps PEFT's casts here
+        method = SFT(make_cfg(tmp_path, tiny_dir, finetune=finetune), tok)
+        pm.zero_grad(set_to_none=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            loss, _ = method.loss(pm, batch, 10.0)
+        loss.backward()
+        out.append((loss.item(), [p.grad.clone() for p in pm.parameters() if p.grad is not None]))
+    assert out[0][0] == out[1][0] and len(out[0][1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(out[0][1], out[1][1], strict=True))

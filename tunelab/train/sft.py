@@ -9,6 +9,7 @@ sharded head) get the reference path, `forward_kept_logits` + `sft_loss`.
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any
 
 import torch
@@ -86,6 +87,16 @@ def plain_lm_head(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor | 
     return head.weight if ok else None
 
 
+def _no_lora_input_casts(model: Any, finetune: str, device: torch.device) -> Any:
+    """Under autocast, PEFT's cast of each LoRA layer's input to the fp32 adapter dtype is undone at once by
+    autocast (the adapter matmuls run in bf16): two copies of every LoRA input for the same result. Skip it."""
+    if finetune != "lora" or not torch.is_autocast_enabled(device.type):
+        return nullcontext()
+    from peft.helpers import disable_input_dtype_casting
+
+    return disable_input_dtype_casting(_inner(model))
+
+
 class SFT(Method):
     name = "sft"
     expect = "conversation"
@@ -110,6 +121,10 @@ class SFT(Method):
         return int(batch["targets"].numel())
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], num_items: float) -> tuple[torch.Tensor, dict[str, float]]:
+        with _no_lora_input_casts(model, self.cfg.finetune, batch["input_ids"].device):
+            return self._loss(model, batch, num_items)
+
+    def _loss(self, model: Any, batch: dict[str, torch.Tensor], num_items: float) -> tuple[torch.Tensor, dict[str, float]]:
         chunk = self.cfg.train.loss_chunk
         if chunk and self._fused is None:
             self._fused = plain_lm_head(model, batch) is not None
