@@ -91,7 +91,7 @@ def _saved_bytes_of_one_layer(tiny_dir: Path, method: str, autocast: bool, token
     from tunelab.model.loading import load_model
 
     model, _ = load_model(str(tiny_dir), dtype="fp32" if method == "full" or not autocast else "bf16", device="cpu")
-    model = apply_finetune(model, method, LoraConfig())
+    model = apply_finetune(model, method, LoraConfig(dropout=0.05))  # the dropout Shape() models
     model.train()
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     skip = {t.untyped_storage().data_ptr() for t in [*model.parameters(), *model.buffers()]}
