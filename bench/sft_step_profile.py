@@ -80,9 +80,12 @@ def main() -> None:
     recs, _ = load_data(cfg, method.expect, tok, None, method.pre_encoded)
     items = [i for i in (method.encode(r) for r in recs) if i is not None]
     model = apply_finetune(model, cfg.finetune, cfg.lora, gradient_checkpointing=cfg.train.gradient_checkpointing)
-    from tunelab.train.fastpath import prepare_for_speed
+    try:  # absent before issue 16: the script also profiles older trees (PYTHONPATH=/path/to/old/tree)
+        from tunelab.train.fastpath import prepare_for_speed
 
-    model = prepare_for_speed(model, cfg)
+        model = prepare_for_speed(model, cfg)
+    except ImportError:
+        pass
     acc = Accelerator(cpu=True)
     opt = build_optimizer(cfg, model, None)
     sch = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
