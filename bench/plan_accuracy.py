@@ -5,6 +5,7 @@ tunelab/plan/measure.py for how the peak is taken) and the table prints estimate
 Target: within 15%.
 
     OMP_NUM_THREADS=2 PYTHONPATH=$PWD .venv/bin/python bench/plan_accuracy.py [--device cpu|cuda] [--quick]
+        [--method full --shape 512x1 ...]
 """
 
 from __future__ import annotations
@@ -36,12 +37,17 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2-135m-instruct")
     ap.add_argument("--device", default="cpu")
     ap.add_argument("--quick", action="store_true", help="one shape per method")
+    ap.add_argument("--method", action="append", choices=METHODS, help="only this method (repeatable)")
+    ap.add_argument("--shape", action="append", help="only this SEQxBATCH shape, e.g. 512x2 (repeatable)")
     args = ap.parse_args()
     shapes = SHAPES[:1] if args.quick else SHAPES
+    if args.shape:
+        shapes = [(int(s.split("x")[0]), int(s.split("x")[1])) for s in args.shape]
+    methods = args.method or METHODS
     rows = []
     print(f"{'method':7} {'seq':>5} {'batch':>5} {'estimate MB':>12} {'measured MB':>12} {'error':>7} {'peak at':>15} "
           f"{'s/step':>7}", flush=True)
-    for method in METHODS:
+    for method in methods:
         for seq, batch in shapes:
             d = run_case(args.model, method, seq, batch, args.device)
             est = d["allocated_bytes"]

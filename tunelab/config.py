@@ -55,6 +55,13 @@ class DataMix(_Strict):
     path: str
     fraction: float = Field(0.2, gt=0, lt=1)
     """Fraction of the training examples that come from this general data set."""
+    answers: Literal["reference", "self"] = "reference"
+    """`reference`: train on the file's own answers. `self`: replace them with the base model's greedy answers to
+    the same prompts, generated once before step 1 and kept in the run folder (self-distillation replay: the
+    mixed-in examples then hold the model to what it already does instead of teaching it new answers; answers cut
+    by `max_new_tokens` are dropped). Chat (SFT) data only."""
+    max_new_tokens: int = Field(128, ge=1)
+    """Length limit for `answers: self`."""
 
 
 class DataConfig(_Strict):
@@ -300,6 +307,9 @@ class RunConfig(_Strict):
         if self.train.fsdp and self.finetune != "full":
             raise ValueError(f"train.fsdp shards full fine-tuning; with finetune: {self.finetune} the trainable "
                              "weights are small already: drop train.fsdp (several processes then run data-parallel)")
+        if self.data.mix is not None and self.data.mix.answers == "self" and self.method != "sft":
+            raise ValueError(f"data.mix.answers: self generates chat answers for SFT; method {self.method} trains "
+                             "on other records: use answers: reference")
         if self.train.fsdp and self.method != "sft":
             raise ValueError(f"train.fsdp supports method sft; method {self.method} keeps a reference model or "
                              "extra heads that are not sharded")

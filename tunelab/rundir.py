@@ -203,6 +203,11 @@ class RunDir:
         return self.path / "checkpoints"
 
     @property
+    def mix_answers_path(self) -> Path:
+        """The base model's own answers for `data.mix.answers: self`, generated before step 1 (a resume reuses them)."""
+        return self.path / "mix_answers.jsonl"
+
+    @property
     def eval_dir(self) -> Path:
         return self.path / "eval"
 

@@ -84,3 +84,58 @@ def test_a_run_tokenizes_its_data_once(tmp_path: Path, tiny_dir: Path, tok: Any,
     monkeypatch.setattr(sft_mod, "encode", lambda *a, **k: calls.append(a))
     items = [method.encode(r) for r in recs]
     assert not calls and items == [method.pre_encoded[id(r)] for r in recs]
+
+
+def _general(tmp_path: Path, n: int) -> Path:
+    return tiny.write_jsonl(tmp_path / "general.jsonl",
+                            [{"messages": [{"role": "user", "content": f"general question {i}"},
+                                           {"role": "assistant", "content": "the file's answer"}]} for i in range(n)])
+
+
+def test_mix_self_answers_are_the_base_models_own(tmp_path: Path, tiny_dir: Path) -> None:
+    """`data.mix.answers: self`: the drawn general prompts are answered by the base model (greedy, before
+    training) and those answers are what is trained on; answers cut by the length limit are dropped; the answers
+    are kept in the run folder and a resume trains on the same ones."""
+    from tunelab.generate import Generator
+    from tunelab.rundir import RunDir
+
+    cfg = cfg_for(tmp_path, tiny_dir, data={"train": str(tiny.write_jsonl(tmp_path / "train40.jsonl", tiny.chat_rows(40))),
+                                            "max_seq_len": 256,
+                                            "mix": {"path": str(_general(tmp_path, 30)), "fraction": 0.2,
+                                                    "answers": "self", "max_new_tokens": 160}})
+    res = train(cfg, show_progress=False)
+    saved = [json.loads(x)["messages"] for x in RunDir(res.run_dir).mix_answers_path.read_text().splitlines()]
+    # What the same untrained model answers on its own, through the public generation API.
+    g = Generator.load(str(tiny_dir), dtype="fp32")  # as the run loads it
+    drawn = sorted({m[0]["content"] for m in saved})
+    prompts = [f"general question {i}" for i in range(30)]
+    outs = dict(zip(prompts, g.generate([[{"role": "user", "content": p}] for p in prompts], max_tokens=160), strict=True))
+    ended = {p for p, c in outs.items() if c.finish_reason == "stop"}
+    assert saved and set(drawn) <= ended  # only answers that ended are kept...
+    for m in saved:  # ...and each is the model's own greedy answer, not the file's
+        assert m[1]["role"] == "assistant" and m[1]["content"] == outs[m[0]["content"]].text.strip() != "the file's answer"
+    # The run trains on exactly these: load_data reads them back instead of generating again.
+    train_recs, _ = load_data(cfg, "conversation", g.tokenizer, None, model=None)
+    mixed = [r for r in train_recs if r.messages[0].content.startswith("general")]  # type: ignore[union-attr]
+    assert [[x.content for x in r.messages] for r in mixed] == [[m[0]["content"], m[1]["content"]] for m in saved]  # type: ignore[union-attr]
+
+
+def test_mix_self_answers_none_ended_is_a_clear_error(tmp_path: Path, tiny_dir: Path) -> None:
+    cfg = cfg_for(tmp_path, tiny_dir, data={"train": str(tiny.write_jsonl(tmp_path / "train40.jsonl", tiny.chat_rows(40))),
+                                            "mix": {"path": str(_general(tmp_path, 5)), "answers": "self", "max_new_tokens": 1}})
+    import pytest
+
+    from tunelab.errors import TunelabError
+
+    with pytest.raises(TunelabError, match=r"none of the base model's [45] answers .*max_new_tokens=1; raise it"):
+        train(cfg, show_progress=False)
+
+
+def test_mix_self_answers_only_for_sft() -> None:
+    import pytest
+
+    from tunelab.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="data.mix.answers: self generates chat answers for SFT; method dpo"):
+        config_from_dict({"model": {"name": "x"}, "method": "dpo", "data": {"train": "t.jsonl", "mix": {"path": "g", "answers": "self"}},
+                          "output_dir": "r"})

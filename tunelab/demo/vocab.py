@@ -133,7 +133,9 @@ POOL_A = Pool(
              ("supportive care, fluids, rest", "saline spray, acetaminophen PRN")),
     ),
     demographics=("{age}{s}", "{age} y/o {s}", "{age}yo {sex}", "{age}{s} pt", "{sex} {age}y"),
-    durations=("x{n}d", "x {n} days", "for {n} days", "x{w} wks", "x{n} dys", "for {w} wks"),
+    durations=("x{n}d", "x {n} days", "for {n} days", "x{w} wks", "x{n} dys", "for {w} wks", "x {w} weeks",
+               "since {n} days", "for {w} weeks now", "that began {n} days ago", "{n} days' history", "for a few days",
+               "x ~{w} wks", "for {n}+ days"),
     openers=(
         "{demo} c/o {cc} {dur}.",
         "Pt c/o {cc} {dur}.",
@@ -156,10 +158,10 @@ POOL_A = Pool(
                   "Dx is {dx}."),
     # Codes come bare and behind assorted labels, so the model learns to copy the code alone.
     code_styles=("{name} ({code})", "{name}, {code}", "{name}, code {code}", "{name} (ICD {code})",
-                 "{name} - {code}", "{name} [ICD10: {code}]"),
-    dx_joiners=("; ", " and "),
+                 "{name} - {code}", "{name} [ICD10: {code}]", "{name} (code: {code})", "{name} -- {code}"),
+    dx_joiners=("; ", " and ", " & ", "; also ", ", and "),
     plan_sentences=("Plan: {plan}.", "P: {plan}.", "Plan - {plan}.", "Orders: {plan}.", "Will do {plan}."),
-    follow_ups=(", f/u {w} wks", ", RTC PRN", ", f/u {n}d"),
+    follow_ups=(", f/u {w} wks", ", RTC PRN", ", f/u {n}d", ", f/u in {n} days", ", next visit {w} wks"),
     one_liners=(
         "{demo} c/o {cc} {dur}; dx {dx}; plan {plan}.",
         "Pt w/ {cc} {dur}, dx {dx}, plan: {plan}.",

@@ -14,7 +14,6 @@ import importlib
 import json
 import math
 import platform
-import random
 import shutil
 import sys
 import time
@@ -35,7 +34,7 @@ from tunelab.model.adapters import apply_finetune
 from tunelab.model.loading import bf16_supported, describe_parameters, load_model
 from tunelab.rundir import ResumeEvent, RunDir, weights_name
 from tunelab.train import checkpoint as ckpt
-from tunelab.train import fsdp
+from tunelab.train import fsdp, mix
 from tunelab.train.fastpath import prepare_for_speed
 from tunelab.train.hooks import finetune_hooks
 from tunelab.train.loop import (
@@ -106,7 +105,9 @@ def _load_split(path: str, expect: str, cfg: RunConfig, tok: Any, console: Any, 
 
 
 def load_data(cfg: RunConfig, expect: str, tok: Any, console: Any,
-              encoded: dict[int, Encoded] | None = None) -> tuple[list[Record], list[Record]]:
+              encoded: dict[int, Encoded] | None = None, model: Any = None) -> tuple[list[Record], list[Record]]:
+    """Train and validation records; with `data.mix`, the general examples added to train (answered by `model`,
+    the base before any training, under `data.mix.answers: self`)."""
     d = cfg.data
     train = _load_split(d.train, expect, cfg, tok, console, d.min_examples, encoded)
     valid = _load_split(d.validation, expect, cfg, tok, console, 1, encoded) if d.validation else []
@@ -115,11 +116,10 @@ def load_data(cfg: RunConfig, expect: str, tok: Any, console: Any,
 
         train, valid = split_records(train, (1 - d.validation_fraction, d.validation_fraction), seed=cfg.train.seed)
     if d.mix is not None:
-        general = read_records(d.mix.path, expect=expect)
-        # fraction f of the final training set comes from the general data: g = f / (1 - f) * n
-        want = round(d.mix.fraction / (1 - d.mix.fraction) * len(train))
-        rng = random.Random(cfg.train.seed)
-        picks = rng.sample(general, want) if want <= len(general) else [rng.choice(general) for _ in range(want)]
+        picks = mix.draw(d.mix, len(train), expect, cfg.train.seed)
+        if d.mix.answers == "self":
+            picks = mix.self_answers(picks, d.mix, model, tok, d.system_prompt, RunDir(cfg.output_dir).mix_answers_path, expect,
+                                     log=console.print if console is not None else None)
         train = train + picks
     return train, valid
 
@@ -237,7 +237,7 @@ def train(cfg: RunConfig, *, resume: bool = False, overwrite: bool = False, cons
                             gguf_file=cfg.model.gguf_file, device=None if cfg.finetune == "qlora" else str(accelerator.device))
     method = klass(cfg, tok)
     method.pre_encoded = {}
-    train_recs, valid_recs = load_data(cfg, method.expect, tok, con, method.pre_encoded)
+    train_recs, valid_recs = load_data(cfg, method.expect, tok, con, method.pre_encoded, model=model)
     if cfg.data.check_contamination and con is not None:
         warn_contamination(cfg, method.expect, train_recs, valid_recs, con)
     train_items = _encode_all(method, train_recs, "train", con)
