@@ -37,6 +37,7 @@ def memory_cmd(
     lora_r: Annotated[int, typer.Option(help="LoRA rank")] = 16,
     lora_targets: Annotated[str, typer.Option(help="all-linear or names, e.g. q_proj,v_proj")] = "all-linear",
     lora_dropout: Annotated[float, typer.Option()] = 0.05,
+    loss_chunk: Annotated[int, typer.Option(help="train.loss_chunk (0: whole logits at once)")] = 256,
     attention: Annotated[str, typer.Option(help="sdpa | eager")] = "sdpa",
     trained_fraction: Annotated[float, typer.Option(help="fraction of tokens with a loss")] = 1.0,
     device: Annotated[str, typer.Option(help="cuda | cpu | auto (this machine's)")] = "auto",
@@ -65,7 +66,7 @@ def memory_cmd(
     targets = None if lora_targets == "all-linear" else tuple(t.strip() for t in lora_targets.split(",") if t.strip())
     shape = Shape(method=method, seq_len=seq_len, batch=batch, grad_ckpt=grad_ckpt, optimizer=optimizer,  # type: ignore[arg-type]
                   dtype=dtype, packing=packing, processes=processes, fsdp=fsdp, grad_accum=grad_accum,  # type: ignore[arg-type]
-                  lora_r=lora_r, lora_targets=targets, lora_dropout=lora_dropout, attention=attention,  # type: ignore[arg-type]
+                  lora_r=lora_r, lora_targets=targets, lora_dropout=lora_dropout, loss_chunk=loss_chunk, attention=attention,  # type: ignore[arg-type]
                   trained_fraction=trained_fraction, device=dev,  # type: ignore[arg-type]
                   bf16_ok=True if dev == "cuda" and not torch.cuda.is_available() else bf16_supported(torch.device(dev)))
     arch = load_arch(model)

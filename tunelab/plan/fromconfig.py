@@ -20,7 +20,7 @@ def shape_for(cfg: RunConfig, device: str, processes: int = 1) -> Shape:
         grad_ckpt=cfg.train.gradient_checkpointing, optimizer=cfg.train.optimizer, dtype=cfg.model.dtype,
         packing=cfg.data.packing, processes=processes, fsdp=cfg.train.fsdp and processes > 1,
         grad_accum=cfg.train.grad_accum, lora_r=cfg.lora.init_r if cfg.finetune == "adalora" else cfg.lora.r,
-        lora_targets=targets, lora_dropout=cfg.lora.dropout, device="cuda" if device == "cuda" else "cpu",
+        lora_targets=targets, lora_dropout=cfg.lora.dropout, loss_chunk=cfg.train.loss_chunk, device="cuda" if device == "cuda" else "cpu",
         bf16_ok=bf16_supported(torch.device(device)),
     )
 

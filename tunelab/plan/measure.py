@@ -133,7 +133,7 @@ def measure(model_name: str, s: Shape, steps: int = 3, seed: int = 0) -> dict[st
                  "target_modules": list(s.lora_targets) if s.lora_targets else "all-linear"},
         "data": {"train": "unused.jsonl", "max_seq_len": max(8, s.seq_len), "packing": s.packing},
         "train": {"batch_size": s.batch, "gradient_checkpointing": s.grad_ckpt, "optimizer": s.optimizer,
-                  "max_steps": steps},
+                  "max_steps": steps, "loss_chunk": s.loss_chunk},
     }
     cfg = config_from_dict(raw, "plan memory --measure")
     device = "cuda" if s.device == "cuda" else "cpu"

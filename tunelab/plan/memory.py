@@ -63,6 +63,8 @@ class Shape:
     lora_targets: tuple[str, ...] | None = None
     """None = all linear layers of a decoder layer (PEFT's "all-linear")."""
     lora_dropout: float = 0.05
+    loss_chunk: int = 256
+    """`train.loss_chunk`: LM head + loss computed this many positions at a time (0: the whole logits at once)."""
     double_quant: bool = True
     attention: Literal["sdpa", "eager"] = "sdpa"
     trained_fraction: float = 1.0
@@ -217,9 +219,14 @@ def estimate(arch: Arch, s: Shape) -> Estimate:
         acts += arch.vocab * arch.hidden * c  # the LM head, fp32 after prepare_model_for_kbit_training, cast once
     if s.method == "full":
         acts += tokens * arch.hidden * c  # the LM head's input
-    # LM head on kept positions: logits in compute dtype, the fp32 copy, log-softmax, and in the backward pass
-    # the fp32 gradient of log-softmax and of the upcast.
-    logits = kept * arch.vocab * (c + 4 + 4 + 4)
+    if s.loss_chunk > 0:
+        # Chunked LM head + loss (tunelab.losses.linear_cross_entropy): one chunk's logits at a time (fp32, and
+        # their compute-dtype gradient), and the gradient of the head's input for all kept positions.
+        logits = min(s.loss_chunk, kept) * arch.vocab * (4 + c) + kept * arch.hidden * c
+    else:
+        # LM head on kept positions: logits in compute dtype, the fp32 copy, log-softmax, and in the backward pass
+        # the fp32 gradient of log-softmax and of the upcast.
+        logits = kept * arch.vocab * (c + 4 + 4 + 4)
     if s.processes > 1 and s.fsdp:
         acts += 2 * arch.linear_params / arch.layers * w  # one layer gathered, the next prefetched
 
