@@ -43,6 +43,7 @@ def test_demo_config_mixes_general_data_and_takes_overrides(tmp_path: Path) -> N
     cfg = demo.demo_config(tmp_path / "demo", steps=None)
     assert cfg.data.mix is not None and 0 < cfg.data.mix.fraction < 1
     assert Path(cfg.data.mix.path).resolve() == general_path("train")
+    assert cfg.data.mix.answers == "self"  # the measured choice: the base model's own answers (docs/benchmarks.md)
     cfg = demo.demo_config(tmp_path / "demo", steps=3, overrides=["data.mix=null", "lora.r=4"])
     assert cfg.data.mix is None and cfg.lora.r == 4 and cfg.train.max_steps == 3
 

@@ -21,14 +21,10 @@ from tunelab.data.packing import pack
 from tunelab.data.records import Conversation, Preference
 from tunelab.data.templates import Encoded, encode
 from tunelab.losses import sequence_logps
+from tunelab.model.parts import unwrap
 from tunelab.preference_losses import dpo_loss
 from tunelab.train.loop import LoopContext, Method, autocast
 from tunelab.train.sft import forward_kept_logits
-
-
-def unwrap(model: Any) -> Any:
-    """The model under an accelerate/DDP wrapper, if any."""
-    return getattr(model, "module", model)
 
 
 def is_peft(model: Any) -> bool:

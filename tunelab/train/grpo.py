@@ -28,8 +28,9 @@ from typing import Any
 import torch
 
 from tunelab.data.records import Message
+from tunelab.model.parts import unwrap
 from tunelab.rl_losses import grpo_advantages, grpo_loss, k3_kl, masked_mean
-from tunelab.train.dpo import Reference, unwrap
+from tunelab.train.dpo import Reference
 from tunelab.train.loop import LoopContext
 from tunelab.train.rollout import (
     Experience,

@@ -58,10 +58,9 @@ def self_answers(picks: list[Record], mix: DataMix, model: Any, tok: Any, system
     answer = {p: c.text.strip() for p, c in zip(order, done, strict=True) if c.finish_reason == "stop" and c.text.strip()}
     kept: list[Record] = []
     for r in picks:
-        assert isinstance(r, Conversation)
-        p = r.prompt
-        if p in answer:
-            kept.append(replace(r, messages=(*p, Message("assistant", answer[p]))))
+        assert isinstance(r, Conversation)  # _prompt checked every pick above
+        if r.prompt in answer:
+            kept.append(replace(r, messages=(*r.prompt, Message("assistant", answer[r.prompt]))))
     if not kept:
         raise TunelabError(f"data.mix.answers: self: none of the base model's {len(order)} answers to {mix.path}'s "
                            f"prompts ended within data.mix.max_new_tokens={mix.max_new_tokens}; raise it or use "
@@ -70,7 +69,6 @@ def self_answers(picks: list[Record], mix: DataMix, model: Any, tok: Any, system
         log(f"data.mix.answers: self -- the base model answered {len(order)} general prompts; {len(answer)} ended "
             f"within {mix.max_new_tokens} tokens and are mixed in ({len(kept)} examples)")
     tmp = out.with_suffix(f".{os.getpid()}.tmp")  # data-parallel processes each write the same answers
-    tmp.write_text("".join(json.dumps({"messages": [m.to_json() for m in r.messages]}) + "\n" for r in kept
-                           if isinstance(r, Conversation)), encoding="utf-8")
+    tmp.write_text("".join(json.dumps(r.to_json(), ensure_ascii=False) + "\n" for r in kept), encoding="utf-8")
     tmp.replace(out)
     return kept

@@ -22,8 +22,8 @@ from torch import nn
 
 from tunelab.data.records import Conversation, Message, Preference
 from tunelab.data.templates import Encoded, encode
+from tunelab.model.parts import backbone, unwrap
 from tunelab.preference_losses import reward_loss
-from tunelab.train.dpo import unwrap
 from tunelab.train.loop import LoopContext, Method, lr_lambda
 
 HEAD_FILE = "value_head.safetensors"
@@ -40,14 +40,6 @@ class ScalarHead(nn.Module):
 
     def forward(self, h: torch.Tensor) -> torch.Tensor:
         return self.linear(h.to(self.linear.weight.dtype)).squeeze(-1)
-
-
-def backbone(model: Any) -> Any:
-    """The transformer body (no LM head); LoRA layers live inside it, so adapters apply."""
-    m = unwrap(model)
-    if hasattr(m, "get_base_model"):
-        m = m.get_base_model()
-    return m.base_model
 
 
 def hidden_size(model: Any) -> int:

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 
 from tunelab.data.records import Conversation, Message
 from tunelab.data.templates import encode_prompt
-from tunelab.train.dpo import is_peft, unwrap
+from tunelab.model.parts import unwrap
+from tunelab.train.dpo import is_peft
 from tunelab.train.loop import (
     LoopContext,
     NonFiniteLoss,
@@ -163,7 +164,7 @@ def completion_forward(
 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
     """Per-token log-probs of the completion tokens (B, T); with a value head, values at the same positions;
     and the (detached) per-token entropy of the policy there."""
-    from tunelab.train.reward import backbone
+    from tunelab.model.parts import backbone
 
     pos = (r.attention_mask.cumsum(-1) - 1).clamp(min=0)
     h = backbone(model)(input_ids=r.input_ids, attention_mask=r.attention_mask, position_ids=pos,

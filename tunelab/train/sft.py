@@ -19,6 +19,7 @@ from tunelab.data.packing import pack_rows, pad
 from tunelab.data.records import Conversation
 from tunelab.data.templates import Encoded, encode
 from tunelab.losses import linear_cross_entropy, sft_loss
+from tunelab.model.parts import unwrap
 from tunelab.train.loop import Method
 
 
@@ -51,14 +52,11 @@ def forward_kept_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Ten
 
 def forward_kept_hidden(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Final hidden states (N, H) at the kept positions (the LM head's inputs), in `targets` order; the head
-    itself runs on no position."""
+    itself runs on no position. Through the whole (wrapped) model, not `backbone(model)`: DDP's forward is what
+    prepares its gradient all-reduce."""
     none = torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device)
     out = model(**_model_inputs(batch), logits_to_keep=none, output_hidden_states=True, use_cache=False)
     return kept(out.hidden_states[-1], batch, cols_taken=False)
-
-
-def _inner(model: Any) -> Any:
-    return model.module if isinstance(model, torch.nn.parallel.DistributedDataParallel) else model
 
 
 def plain_lm_head(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor | None:
@@ -69,7 +67,7 @@ def plain_lm_head(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor | 
     models such as Gemma 2 or Granite fail it)."""
     from torch.distributed.tensor import DTensor
 
-    inner = _inner(model)
+    inner = unwrap(model)
     head = inner.get_output_embeddings()
     if type(head) is not torch.nn.Linear or head.bias is not None or isinstance(head.weight, DTensor):
         return None
@@ -94,7 +92,7 @@ def _no_lora_input_casts(model: Any, finetune: str, device: torch.device) -> Any
         return nullcontext()
     from peft.helpers import disable_input_dtype_casting
 
-    return disable_input_dtype_casting(_inner(model))
+    return disable_input_dtype_casting(unwrap(model))
 
 
 class SFT(Method):
@@ -129,7 +127,7 @@ class SFT(Method):
         if chunk and self._fused is None:
             self._fused = plain_lm_head(model, batch) is not None
         if chunk and self._fused:
-            weight = _inner(model).get_output_embeddings().weight
+            weight = unwrap(model).get_output_embeddings().weight
             loss, m = linear_cross_entropy(forward_kept_hidden(model, batch), weight, batch["targets"], num_items, chunk,
                                            compiled=self.cfg.train.compile)
         else:

@@ -198,3 +198,25 @@ def test_measure_runs_real_steps(tiny_dir: Path, capsys: pytest.CaptureFixture[s
     m = d["measure"]
     assert m["steps"] == 3 and m["measured_bytes"] >= m["model_tensor_bytes"] > 0
     assert d["measured_bytes"] == m["measured_bytes"] and "error_pct" in d
+
+
+def test_hub_id_needs_the_config_only(tmp_path: Path, tiny_dir: Path) -> None:
+    """A hub id is read from its config.json alone (counted on the meta device): a hub cache holding nothing but
+    config.json, offline, gives the same architecture as the full local folder."""
+    import os
+    import subprocess
+    import sys
+
+    root = tmp_path / "hf" / "hub" / "models--someorg--tiny-llama"
+    snap = root / "snapshots" / ("0" * 40)
+    snap.mkdir(parents=True)
+    (snap / "config.json").write_text((tiny_dir / "config.json").read_text())
+    (root / "refs").mkdir()
+    (root / "refs" / "main").write_text("0" * 40)
+    env = {**os.environ, "HF_HOME": str(tmp_path / "hf"), "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1"}
+    p = subprocess.run([sys.executable, "-m", "tunelab.cli", "plan", "memory", "someorg/tiny-llama", "--method", "lora",
+                        "--device", "cpu", "--json"], capture_output=True, text=True, env=env, timeout=120)
+    assert p.returncode == 0, p.stderr[-2000:]
+    d = json.loads(p.stdout[p.stdout.index("{"):])
+    local = load_arch(str(tiny_dir))
+    assert d["weights_bytes"] > 0 and d["params"] == local.params, d
