@@ -33,21 +33,34 @@ def sft_loss(
     return loss_sum / num_items, {"loss_sum": float(loss_sum.item()), "tokens": n, "correct": float(correct)}
 
 
+def token_logps(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+    """log softmax(logits)[target] per position, in fp32; 0 where the target is IGNORE_INDEX.
+    logits (N, V), targets (N,). The reference for `linear_logps`."""
+    safe = targets.clamp(min=0)
+    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+    return logp * (targets != IGNORE_INDEX)
+
+
+def segment_sums(
+    logp: torch.Tensor, targets: torch.Tensor, segment_ids: torch.Tensor, num_segments: int
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-position log-probs (N,) summed per segment (sequence), and the trained-token count per segment."""
+    mask = (targets != IGNORE_INDEX).to(logp.dtype)
+    sums = torch.zeros(num_segments, dtype=logp.dtype, device=logp.device).index_add(0, segment_ids, logp)
+    counts = torch.zeros(num_segments, dtype=logp.dtype, device=logp.device).index_add(0, segment_ids, mask)
+    return sums, counts
+
+
 def sequence_logps(
     logits: torch.Tensor, targets: torch.Tensor, segment_ids: torch.Tensor, num_segments: int
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of log-probabilities of the trained targets per segment (sequence), and the token count per segment.
 
-    logits (N, V), targets (N,) with IGNORE_INDEX, segment_ids (N,) in [0, num_segments). Used by every
-    preference method (DPO, ORPO, SimPO, KTO) on packed rows.
+    logits (N, V), targets (N,) with IGNORE_INDEX, segment_ids (N,) in [0, num_segments). What every
+    preference method (DPO, ORPO, SimPO, KTO) scores on packed rows; they compute it with `linear_logps`
+    (no whole logits) where the head allows.
     """
-    mask = targets != IGNORE_INDEX
-    safe = targets.clamp(min=0)
-    logp = torch.log_softmax(logits.float(), dim=-1).gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-    logp = logp * mask
-    sums = torch.zeros(num_segments, dtype=logp.dtype, device=logp.device).index_add(0, segment_ids, logp)
-    counts = torch.zeros(num_segments, dtype=logp.dtype, device=logp.device).index_add(0, segment_ids, mask.to(logp.dtype))
-    return sums, counts
+    return segment_sums(token_logps(logits, targets), targets, segment_ids, num_segments)
 
 
 class _LinearCrossEntropy(torch.autograd.Function):
@@ -160,3 +173,79 @@ def linear_cross_entropy(
         grad and hidden.requires_grad, grad and weight.requires_grad, compiled)
     n = int((targets != IGNORE_INDEX).sum().item())
     return loss, {"loss_sum": float(loss_sum.item()), "tokens": n, "correct": float(correct.item())}
+
+
+class _LinearLogps(torch.autograd.Function):
+    """`token_logps(hidden @ weight.T, targets)`, `chunk` rows at a time, without the (N, V) logits.
+
+    A position's log-prob depends on its own hidden row only, so its gradient with respect to that row is one
+    vector, d logp_t / d h_t = (onehot(y_t) - softmax_t) @ W: the forward pass works it out chunk by chunk and
+    keeps it (N, H), and backward is one multiply by the incoming per-position gradient. When the weight
+    trains too (a tied or trained head), its gradient needs that incoming gradient, so backward recomputes
+    each chunk's softmax instead."""
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int,
+        compute_dtype: torch.dtype, need_h: bool, need_w: bool,
+    ) -> torch.Tensor:
+        out = torch.zeros(hidden.shape[0], dtype=torch.float32, device=hidden.device)
+        jac = torch.empty_like(hidden) if need_h and not need_w else None
+        w = weight.to(compute_dtype)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, hidden.shape[0], chunk):
+                t = targets[s : s + chunk]
+                valid = t != IGNORE_INDEX
+                safe = t.clamp(min=0).unsqueeze(-1)
+                logits = (hidden[s : s + chunk].to(compute_dtype) @ w.t()).float()
+                lse = torch.logsumexp(logits, dim=-1)
+                out[s : s + chunk] = (logits.gather(-1, safe).squeeze(-1) - lse) * valid
+                if jac is not None:
+                    g = logits.sub_(lse.unsqueeze(-1)).exp_().neg_()  # -softmax, in place
+                    g.scatter_add_(-1, safe, torch.ones_like(lse).unsqueeze(-1))  # onehot - softmax
+                    g.mul_(valid.to(g.dtype).unsqueeze(-1))
+                    jac[s : s + chunk] = (g.to(compute_dtype) @ w).to(jac.dtype)
+        if jac is not None:
+            ctx.save_for_backward(jac)
+        elif need_h or need_w:
+            ctx.save_for_backward(hidden, weight, targets)
+        ctx.flags = (need_h, need_w, jac is not None, chunk, compute_dtype)
+        return out
+
+    @staticmethod
+    def backward(ctx: Any, grad_out: torch.Tensor) -> tuple[Any, ...]:
+        need_h, need_w, has_jac, chunk, compute = ctx.flags
+        if has_jac:
+            (jac,) = ctx.saved_tensors
+            return jac * grad_out.unsqueeze(-1).to(jac.dtype), None, None, None, None, None, None
+        hidden, weight, targets = ctx.saved_tensors
+        gh = torch.empty_like(hidden) if need_h else None
+        gw = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        w = weight.to(compute)
+        with torch.autocast(hidden.device.type, enabled=False):
+            for s in range(0, hidden.shape[0], chunk):
+                t = targets[s : s + chunk]
+                safe = t.clamp(min=0).unsqueeze(-1)
+                h = hidden[s : s + chunk].to(compute)
+                logits = (h @ w.t()).float()
+                g = logits.sub_(torch.logsumexp(logits, dim=-1, keepdim=True)).exp_().neg_()
+                g.scatter_add_(-1, safe, torch.ones_like(safe, dtype=g.dtype))
+                g.mul_((grad_out[s : s + chunk].float() * (t != IGNORE_INDEX)).unsqueeze(-1))
+                g16 = g.to(compute)
+                if gh is not None:
+                    gh[s : s + chunk] = (g16 @ w).to(gh.dtype)
+                if gw is not None:
+                    gw += (g16.t() @ h).float()
+        return gh, None if gw is None else gw.to(weight.dtype), None, None, None, None, None
+
+
+def linear_logps(hidden: torch.Tensor, weight: torch.Tensor, targets: torch.Tensor, chunk: int = 256) -> torch.Tensor:
+    """`token_logps(hidden @ weight.T, targets)`: each position's log-prob of its target (fp32, 0 where
+    ignored), `chunk` positions at a time, so the (N, V) logits never exist whole; differentiable in `hidden`
+    and `weight`. Under autocast the logits are computed in the autocast dtype, as `F.linear` would."""
+    dev = hidden.device.type
+    compute = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else hidden.dtype
+    grad = torch.is_grad_enabled()
+    out: torch.Tensor = _LinearLogps.apply(hidden, weight, targets, max(1, chunk), compute,
+                                           grad and hidden.requires_grad, grad and weight.requires_grad)
+    return out

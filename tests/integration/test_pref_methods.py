@@ -179,3 +179,16 @@ def test_interrupted_run_resumes_to_the_same_weights(tmp_path: Path, tiny_dir: P
         ha = load_file(str(straight.run_dir / "value_head.safetensors"))
         hb = load_file(str(resumed.run_dir / "value_head.safetensors"))
         assert all(torch.allclose(ha[k], hb[k], atol=1e-6) for k in ha)
+
+
+@pytest.mark.parametrize("method", ["dpo", "orpo", "kto"])
+def test_chunked_head_trains_like_whole_logits(tmp_path: Path, tiny_dir: Path, method: str) -> None:
+    """`train.loss_chunk` (the preference methods' log-probs by chunks of the LM head, the default) against
+    the whole logits (0): the same seeded run gives the same losses and validation metrics."""
+    runs = {c: train(make_cfg(tmp_path, tiny_dir, method, f"{method}{c}", train={"loss_chunk": c, "max_steps": 3}),
+                     show_progress=False) for c in (0, 5)}
+    a, b = ([float(r["train_loss"]) for r in read_metrics(runs[c].run_dir) if "train_loss" in r] for c in (0, 5))
+    assert len(a) == 3 and a == pytest.approx(b, rel=1e-4)
+    va, vb = valid_rows(runs[0].run_dir)[-1], valid_rows(runs[5].run_dir)[-1]
+    assert va["valid_loss"] == pytest.approx(vb["valid_loss"], rel=1e-4)
+    assert va["valid_accuracy"] == vb["valid_accuracy"]

@@ -16,7 +16,7 @@ import torch.nn.functional as F
 from test_training import make_cfg
 
 from tunelab.config import LoraConfig
-from tunelab.losses import IGNORE_INDEX, linear_cross_entropy, sft_loss
+from tunelab.losses import IGNORE_INDEX, linear_cross_entropy, linear_logps, sft_loss, token_logps
 from tunelab.train.run import train
 from tunelab.train.sft import plain_lm_head
 from tunelab.train.tracking import read_metrics
@@ -95,6 +95,76 @@ def test_no_gradients_without_grad_mode() -> None:
     with torch.no_grad():
         loss, m = linear_cross_entropy(h, torch.randn(9, 4), torch.tensor([1, 2, 3, 4, 5]), 5.0, 2)
     assert not loss.requires_grad and m["tokens"] == 5
+
+
+def test_logps_by_hand_two_tokens_three_words() -> None:
+    """h = I (2x2), W rows e0, e1, 0 -> logits [1,0,0] and [0,1,0], softmax [e,1,1]/(e+2) and [1,e,1]/(e+2).
+
+    log-probs of targets 0 and 2: 1 - log(e+2) and 0 - log(e+2); d logp_t / d h_t = (onehot(y_t) - softmax_t) @ W,
+    so with an incoming gradient g = (2, -1): row 0 = 2 * (1 - e/z, -1/z), row 1 = -(-1/z, -e/z).
+    An ignored target scores 0 and gets no gradient."""
+    e = math.e
+    z = e + 2
+    w0 = torch.tensor([[1.0, 0.0], [0.0, 1.0], [0.0, 0.0]])
+    for chunk in (1, 5):
+        h = torch.eye(2, requires_grad=True)
+        lp = linear_logps(h, w0, torch.tensor([0, 2]), chunk)
+        assert lp.tolist() == pytest.approx([1 - math.log(z), -math.log(z)], rel=1e-6)
+        (lp * torch.tensor([2.0, -1.0])).sum().backward()
+        assert torch.allclose(h.grad, torch.tensor([[2 * (1 - e / z), -2 / z], [1 / z, e / z]]), atol=1e-6)
+    h = torch.eye(2, requires_grad=True)
+    lp = linear_logps(h, w0, torch.tensor([IGNORE_INDEX, 1]), 1)
+    assert lp[0].item() == 0.0
+    lp.sum().backward()
+    assert h.grad[0].abs().sum().item() == 0.0
+
+
+@pytest.mark.parametrize("chunk", [1, 7, 64, 10_000])
+@pytest.mark.parametrize("head_trains", [False, True])
+def test_logps_equal_reference_fp32(chunk: int, head_trains: bool) -> None:
+    """Values and gradients (of the hidden states; of the head too when it trains, the recompute path) match
+    `token_logps(hidden @ W.T)` under a non-uniform incoming gradient, as DPO's loss gives."""
+    g = torch.Generator().manual_seed(chunk)
+    n, hid, vocab = 37, 16, 50
+    t = torch.randint(0, vocab, (n,), generator=g)
+    t[::4] = IGNORE_INDEX
+    h0, w0, up = torch.randn(n, hid, generator=g), torch.randn(vocab, hid, generator=g), torch.randn(n, generator=g)
+    h1, w1 = h0.clone().requires_grad_(), w0.clone().requires_grad_(head_trains)
+    want = token_logps(F.linear(h1, w1), t)
+    (want * up).sum().backward()
+    h2, w2 = h0.clone().requires_grad_(), w0.clone().requires_grad_(head_trains)
+    got = linear_logps(h2, w2, t, chunk)
+    (got * up).sum().backward()
+    assert torch.allclose(got, want, atol=1e-5)
+    assert torch.allclose(h2.grad, h1.grad, atol=1e-5)
+    if head_trains:
+        assert torch.allclose(w2.grad, w1.grad, atol=1e-5)
+    else:
+        assert w2.grad is None
+
+
+def test_logps_equal_reference_under_bf16_autocast() -> None:
+    g = torch.Generator().manual_seed(1)
+    t = torch.randint(0, 50, (29,), generator=g)
+    h0, w = torch.randn(29, 16, generator=g).bfloat16(), torch.randn(50, 16, generator=g).bfloat16()
+    out = []
+    for fused in (False, True):
+        h = h0.clone().requires_grad_()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            lp = linear_logps(h, w, t, 8) if fused else token_logps(F.linear(h, w), t)
+        assert lp.dtype == torch.float32
+        lp.sum().backward()
+        assert h.grad is not None and h.grad.dtype == torch.bfloat16
+        out.append((lp.detach(), h.grad.float()))
+    assert torch.allclose(out[1][0], out[0][0], atol=1e-4)
+    assert torch.allclose(out[1][1], out[0][1], atol=1e-2 * float(out[0][1].abs().max()))
+
+
+def test_logps_keep_nothing_without_grad_mode() -> None:
+    h = torch.randn(5, 4, requires_grad=True)
+    with torch.no_grad():
+        lp = linear_logps(h, torch.randn(9, 4), torch.tensor([1, 2, 3, 4, IGNORE_INDEX]), 2)
+    assert not lp.requires_grad and lp[4].item() == 0.0
 
 
 def _losses(run_dir: Path) -> list[float]:

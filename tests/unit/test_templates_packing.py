@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+import pytest
 import tiny
 import torch
 
@@ -104,3 +105,26 @@ def test_row_packing_matches_padded_loss_and_bins_examples(tok: Any, model: Any)
         lr, _ = sft_loss(forward_kept_logits(model, rows), rows["targets"], n)
         lq, _ = sft_loss(forward_kept_logits(model, padded), padded["targets"], n)
     assert abs(lr.item() - lq.item()) < 1e-4
+
+
+def test_row_packing_segments_give_each_sequence_its_own_logps(tok: Any, model: Any) -> None:
+    """Preference batches (`pack_rows(segments=True)`): rows hold several sequences in bin-packing order, and
+    `segment_ids` maps every target back to its sequence's index in the input list, so per-sequence summed
+    log-probs equal those of each sequence scored alone."""
+    from tunelab.data.packing import pack_rows
+    from tunelab.losses import sequence_logps
+    from tunelab.train.dpo import batch_logps
+
+    items = [encode(tok, Conversation((Message("user", "q" * (3 + 5 * i)), Message("assistant", "a" * (2 + 3 * i)))))
+             for i in (0, 10, 1, 3, 2)]
+    batch = pack_rows(items, int(tok.pad_token_id), segments=True)
+    assert batch["input_ids"].shape[0] < len(items) and int(batch["num_sequences"]) == len(items)
+    assert sorted(set(batch["segment_ids"].tolist())) == list(range(len(items)))
+    with torch.no_grad():
+        sums, counts = batch_logps(model, batch)
+        for i, it in enumerate(items):
+            alone = pack([it])
+            want, n = sequence_logps(forward_kept_logits(model, alone), alone["targets"],
+                                     torch.zeros(len(alone["targets"]), dtype=torch.long), 1)
+            assert float(counts[i]) == float(n[0]) == it.num_trained
+            assert float(sums[i]) == pytest.approx(float(want[0]), abs=1e-4)

@@ -38,46 +38,58 @@ def pack(items: list[Encoded]) -> dict[str, torch.Tensor]:
     }
 
 
-def pack_rows(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+def pack_rows(items: list[Encoded], pad_id: int, segments: bool = False) -> dict[str, torch.Tensor]:
     """Padding-free packing into several rows, each no longer than the micro-batch's longest example.
 
     One long row would make attention cost grow with the square of the whole micro-batch; rows capped at the
     longest example keep it at what a padded batch pays, while first-fit-decreasing bin packing leaves almost
     no padding. A row's unused tail gets positions of its own (a separate segment nothing attends to) and is
     never trained. The LM head runs on the union of trained columns (`keep`); `sel` picks each row's targets.
+    `segments`: also `segment_ids`, the index in `items` of the example each target belongs to (preference
+    methods sum log-probs per sequence), and `num_sequences`.
     """
     cap = max(len(it.input_ids) for it in items)
     rows: list[list[Encoded]] = []
     room: list[int] = []
-    for it in sorted(items, key=lambda x: -len(x.input_ids)):
+    rows_at: list[list[int]] = []
+    for at_i in sorted(range(len(items)), key=lambda k: -len(items[k].input_ids)):
+        it = items[at_i]
         n = len(it.input_ids)
         j = next((k for k, r in enumerate(room) if r >= n), None)
         if j is None:
             rows.append([it])
+            rows_at.append([at_i])
             room.append(cap - n)
         else:
             rows[j].append(it)
+            rows_at[j].append(at_i)
             room[j] -= n
     width = cap - min(room)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
     tgt = torch.full((len(rows), width), IGNORE_INDEX, dtype=torch.long)
+    seg = torch.zeros((len(rows), width), dtype=torch.long)
     real = 0
     for i, row in enumerate(rows):
         at = 0
-        for it in row:
+        for it, which in zip(row, rows_at[i], strict=True):
             n = len(it.input_ids)
             ids[i, at : at + n] = torch.tensor(it.input_ids)
             pos[i, at : at + n] = torch.arange(n)
             tgt[i, at : at + n] = torch.tensor(_shifted(it.labels))
+            seg[i, at : at + n] = which
             at += n
         real += at
         pos[i, at:] = torch.arange(width - at)
     keep = (tgt != IGNORE_INDEX).any(0).nonzero().squeeze(-1)
     flat = tgt[:, keep].reshape(-1)
     sel = (flat != IGNORE_INDEX).nonzero().squeeze(-1)
-    return {"input_ids": ids, "position_ids": pos, "keep": keep, "sel": sel, "targets": flat[sel],
-            "num_tokens": torch.tensor(real)}
+    out = {"input_ids": ids, "position_ids": pos, "keep": keep, "sel": sel, "targets": flat[sel],
+           "num_tokens": torch.tensor(real)}
+    if segments:
+        out["segment_ids"] = seg[:, keep].reshape(-1)[sel]
+        out["num_sequences"] = torch.tensor(len(items))
+    return out
 
 
 def pad(items: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:

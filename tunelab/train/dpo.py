@@ -1,8 +1,9 @@
 """DPO over the shared loop, plus the pieces every pairwise preference method reuses (ORPO and SimPO import
 `PairMethod` from here; KTO and PPO import `Reference`).
 
-A batch packs all chosen completions, then all rejected ones, into one padding-free row; one forward gives
-every token's log-prob, summed per sequence by `sequence_logps`. The reference model is never a second copy
+A batch packs all chosen completions, then all rejected ones, padding-free into rows no longer than the
+longest (`pack_rows`); one forward gives every scored token's log-prob (`linear_logps`, by chunks of the LM
+head), summed per sequence. The reference model is never a second copy
 when adapters are trained: it is the same model with the adapters switched off (`disable_adapter()`). Full
 fine-tuning keeps one frozen copy. With `dpo.precompute_ref: true` the reference log-probs of every example
 are computed once in `setup`, before the first step, and the reference never runs during training.
@@ -17,14 +18,14 @@ from typing import Any
 
 import torch
 
-from tunelab.data.packing import pack
+from tunelab.data.packing import pack_rows
 from tunelab.data.records import Conversation, Preference
 from tunelab.data.templates import Encoded, encode
-from tunelab.losses import sequence_logps
+from tunelab.losses import linear_logps, segment_sums, token_logps
 from tunelab.model.parts import unwrap
 from tunelab.preference_losses import dpo_loss
 from tunelab.train.loop import LoopContext, Method, autocast
-from tunelab.train.sft import forward_kept_logits
+from tunelab.train.sft import forward_kept_hidden, forward_kept_logits, fused_head_weight, no_lora_input_casts
 
 
 def is_peft(model: Any) -> bool:
@@ -69,20 +70,24 @@ def encode_completion(tok: Any, conv: Conversation, cfg: Any) -> Encoded:
     return encode(tok, conv, train_on="last_assistant", max_len=d.max_seq_len, system_prompt=d.system_prompt)
 
 
-def pack_sequences(encs: list[Encoded]) -> dict[str, torch.Tensor]:
-    """`pack` plus `segment_ids`: which sequence each kept (scored) position belongs to."""
-    batch = pack(encs)
-    ends = torch.tensor([len(e.input_ids) for e in encs]).cumsum(0)
-    batch["segment_ids"] = torch.searchsorted(ends, batch["keep"], right=True)
-    batch["num_sequences"] = torch.tensor(len(encs))
-    return batch
+def pack_sequences(encs: list[Encoded], pad_id: int) -> dict[str, torch.Tensor]:
+    """`pack_rows` with `segment_ids` (which sequence each scored position belongs to): padding-free rows no
+    longer than the longest sequence, so attention costs what a padded batch pays, not the square of the
+    whole batch's length."""
+    return pack_rows(encs, pad_id, segments=True)
 
 
-def batch_logps(model: Any, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(per-sequence summed log-probs, per-sequence token counts, kept-position logits)."""
-    logits = forward_kept_logits(model, batch)
-    sums, counts = sequence_logps(logits, batch["targets"], batch["segment_ids"], int(batch["num_sequences"]))
-    return sums, counts, logits
+def batch_logps(model: Any, batch: dict[str, torch.Tensor], chunk: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """(per-sequence summed log-probs, per-sequence token counts). With `chunk` (`train.loss_chunk`) and a
+    plain LM head, the head runs `chunk` kept positions at a time (`linear_logps`): no (tokens x vocabulary)
+    logits, and so none of their fp32 log-softmax either; else the reference, whole logits."""
+    targets = batch["targets"]
+    weight = fused_head_weight(model, batch, chunk)
+    if weight is not None:
+        logp = linear_logps(forward_kept_hidden(model, batch), weight, targets, chunk)
+    else:
+        logp = token_logps(forward_kept_logits(model, batch), targets)
+    return segment_sums(logp, targets, batch["segment_ids"], int(batch["num_sequences"]))
 
 
 class PairMethod(Method):
@@ -95,6 +100,7 @@ class PairMethod(Method):
     def __init__(self, cfg: Any, tokenizer: Any) -> None:
         super().__init__(cfg, tokenizer)
         self.ref: Reference | None = None
+        self.pad_id = int(tokenizer.pad_token_id)  # load_tokenizer sets one (EOS when the model has none)
 
     def encode(self, record: Any) -> PairItem | None:
         assert isinstance(record, Preference)
@@ -103,7 +109,7 @@ class PairMethod(Method):
         return item if item.chosen.num_trained and item.rejected.num_trained else None
 
     def collate(self, items: list[Any]) -> dict[str, torch.Tensor]:
-        batch = pack_sequences([i.chosen for i in items] + [i.rejected for i in items])
+        batch = pack_sequences([i.chosen for i in items] + [i.rejected for i in items], self.pad_id)
         batch["pairs"] = torch.tensor(len(items))
         if self.precompute_ref:
             batch["ref_logps"] = torch.tensor([i.ref_chosen for i in items] + [i.ref_rejected for i in items])
@@ -128,7 +134,7 @@ class PairMethod(Method):
         precompute_ref_logps(ctx, self.collate_no_ref, keep)
 
     def collate_no_ref(self, items: list[Any]) -> dict[str, torch.Tensor]:
-        batch = pack_sequences([i.chosen for i in items] + [i.rejected for i in items])
+        batch = pack_sequences([i.chosen for i in items] + [i.rejected for i in items], self.pad_id)
         batch["pairs"] = torch.tensor(len(items))
         return batch
 
@@ -137,7 +143,7 @@ class PairMethod(Method):
             return batch["ref_logps"].float()
         assert self.ref is not None, "setup() builds the reference"
         with torch.no_grad(), self.ref.context(model):
-            sums, _, _ = batch_logps(self.ref.model(model), batch)
+            sums, _ = batch_logps(self.ref.model(model), batch, self.cfg.train.loss_chunk)
         return sums
 
     def pair_loss(
@@ -146,8 +152,9 @@ class PairMethod(Method):
         raise NotImplementedError
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], num_items: float) -> tuple[torch.Tensor, dict[str, float]]:
-        sums, counts, _ = batch_logps(model, batch)
-        loss, m = self.pair_loss(model, batch, sums, counts, num_items)
+        with no_lora_input_casts(model, self.cfg.finetune, batch["input_ids"].device):
+            sums, counts = batch_logps(model, batch, self.cfg.train.loss_chunk)
+            loss, m = self.pair_loss(model, batch, sums, counts, num_items)
         n = float(batch["pairs"])
         return loss, {
             "loss_sum": float(loss.detach()) * num_items, "items": n,
@@ -197,12 +204,12 @@ def preference_accuracy(model: Any, tokenizer: Any, cfg: Any, prefs: list[Prefer
     for j in range(0, len(items), batch_size):
         chunk = items[j : j + batch_size]
         batch = {k: v.to(dev) for k, v in m.collate_no_ref(chunk).items()}
-        s, c, _ = batch_logps(model, batch)
+        s, c = batch_logps(model, batch, cfg.train.loss_chunk)
         if ref is None:
             score = s / c.clamp(min=1)
         else:
             with ref.context(model):
-                rs, _, _ = batch_logps(ref.model(model), batch)
+                rs, _ = batch_logps(ref.model(model), batch, cfg.train.loss_chunk)
             score = s - rs
         b = len(chunk)
         correct += int((score[:b] > score[b:]).sum())
@@ -221,7 +228,7 @@ def precompute_ref_logps(ctx: LoopContext, collate: Any, keep: Any) -> None:
             chunk = items[j : j + bs]
             batch = {k: v.to(ctx.accelerator.device) for k, v in collate(chunk).items()}
             with autocast(ctx):  # the same precision the training forward will use
-                sums, _, _ = batch_logps(ctx.model, batch)
+                sums, _ = batch_logps(ctx.model, batch, ctx.cfg.train.loss_chunk)
             for k, it in enumerate(chunk):
                 keep(it, float(sums[k]), float(sums[len(chunk) + k]))
     ctx.model.train(was_training)

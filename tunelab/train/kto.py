@@ -19,6 +19,7 @@ from tunelab.data.templates import Encoded
 from tunelab.preference_losses import kto_kl_estimate, kto_loss
 from tunelab.train.dpo import Reference, batch_logps, encode_completion, pack_sequences, precompute_ref_logps
 from tunelab.train.loop import LoopContext, Method
+from tunelab.train.sft import no_lora_input_casts
 
 
 @dataclass
@@ -70,7 +71,7 @@ class KTO(Method):
 
     def collate_no_ref(self, items: list[Any]) -> dict[str, torch.Tensor]:
         encs = [i.enc for i in items] + [i.kl_enc for i in items]
-        batch = pack_sequences(encs)
+        batch = pack_sequences(encs, int(self.tokenizer.pad_token_id))
         batch["examples"] = torch.tensor(len(items))
         batch["desirable"] = torch.tensor([i.desirable for i in items])
         return batch
@@ -92,13 +93,15 @@ class KTO(Method):
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], num_items: float) -> tuple[torch.Tensor, dict[str, float]]:
         n = int(batch["examples"])
-        sums, _, _ = batch_logps(model, batch)  # real sequences first, then the mismatched (KL) ones
-        if "ref_logps" in batch:
-            ref = batch["ref_logps"].float().to(sums.device)
-        else:
-            assert self.ref is not None
-            with torch.no_grad(), self.ref.context(model):
-                ref, _, _ = batch_logps(self.ref.model(model), batch)
+        chunk = self.cfg.train.loss_chunk
+        with no_lora_input_casts(model, self.cfg.finetune, batch["input_ids"].device):
+            sums, _ = batch_logps(model, batch, chunk)  # real sequences first, then the mismatched (KL) ones
+            if "ref_logps" in batch:
+                ref = batch["ref_logps"].float().to(sums.device)
+            else:
+                assert self.ref is not None
+                with torch.no_grad(), self.ref.context(model):
+                    ref, _ = batch_logps(self.ref.model(model), batch, chunk)
         kl = kto_kl_estimate(sums[n:].detach(), ref[n:])
         k = self.cfg.kto
         loss, m = kto_loss(sums[:n], ref[:n], batch["desirable"], kl, beta=k.beta, desirable_weight=k.desirable_weight,

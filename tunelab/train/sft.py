@@ -9,6 +9,7 @@ sharded head) get the reference path, `forward_kept_logits` + `sft_loss`.
 
 from __future__ import annotations
 
+import weakref
 from contextlib import nullcontext
 from typing import Any
 
@@ -85,7 +86,21 @@ def plain_lm_head(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor | 
     return head.weight if ok else None
 
 
-def _no_lora_input_casts(model: Any, finetune: str, device: torch.device) -> Any:
+_PLAIN_HEAD: weakref.WeakKeyDictionary[Any, bool] = weakref.WeakKeyDictionary()
+
+
+def fused_head_weight(model: Any, batch: dict[str, torch.Tensor], chunk: int) -> torch.Tensor | None:
+    """The LM head's weight when the chunked head + loss path applies: `chunk` > 0 and `plain_lm_head` holds
+    (probed on the first batch a model sees, then remembered for that model); else None."""
+    if not chunk:
+        return None
+    inner = unwrap(model)
+    if inner not in _PLAIN_HEAD:
+        _PLAIN_HEAD[inner] = plain_lm_head(model, batch) is not None
+    return inner.get_output_embeddings().weight if _PLAIN_HEAD[inner] else None
+
+
+def no_lora_input_casts(model: Any, finetune: str, device: torch.device) -> Any:
     """Under autocast, PEFT's cast of each LoRA layer's input to the fp32 adapter dtype is undone at once by
     autocast (the adapter matmuls run in bf16): two copies of every LoRA input for the same result. Skip it."""
     if finetune != "lora" or not torch.is_autocast_enabled(device.type):
@@ -98,11 +113,6 @@ def _no_lora_input_casts(model: Any, finetune: str, device: torch.device) -> Any
 class SFT(Method):
     name = "sft"
     expect = "conversation"
-
-    def __init__(self, cfg: Any, tokenizer: Any) -> None:
-        super().__init__(cfg, tokenizer)
-        self._fused: bool | None = None
-        """Whether the chunked LM-head + loss path applies to this model (probed on the first batch)."""
 
     def encode(self, record: Any) -> Encoded | None:
         assert isinstance(record, Conversation)
@@ -119,15 +129,13 @@ class SFT(Method):
         return int(batch["targets"].numel())
 
     def loss(self, model: Any, batch: dict[str, torch.Tensor], num_items: float) -> tuple[torch.Tensor, dict[str, float]]:
-        with _no_lora_input_casts(model, self.cfg.finetune, batch["input_ids"].device):
+        with no_lora_input_casts(model, self.cfg.finetune, batch["input_ids"].device):
             return self._loss(model, batch, num_items)
 
     def _loss(self, model: Any, batch: dict[str, torch.Tensor], num_items: float) -> tuple[torch.Tensor, dict[str, float]]:
         chunk = self.cfg.train.loss_chunk
-        if chunk and self._fused is None:
-            self._fused = plain_lm_head(model, batch) is not None
-        if chunk and self._fused:
-            weight = unwrap(model).get_output_embeddings().weight
+        weight = fused_head_weight(model, batch, chunk)
+        if weight is not None:
             loss, m = linear_cross_entropy(forward_kept_hidden(model, batch), weight, batch["targets"], num_items, chunk,
                                            compiled=self.cfg.train.compile)
         else:
