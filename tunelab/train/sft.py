@@ -21,6 +21,7 @@ from tunelab.data.records import Conversation
 from tunelab.data.templates import Encoded, encode
 from tunelab.losses import linear_cross_entropy, sft_loss
 from tunelab.model.parts import unwrap
+from tunelab.train.fastpath import PACKED, SEQ_LENS_KWARG, segment_lengths
 from tunelab.train.loop import Method
 
 
@@ -28,6 +29,16 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     if "position_ids" in batch:  # packed: per-example positions, no attention mask
         return {"input_ids": batch["input_ids"], "position_ids": batch["position_ids"]}
     return {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"]}
+
+
+def _forward_inputs(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """`_model_inputs`, plus the packed rows' segment lengths for a model on packed attention (fastpath)."""
+    inputs: dict[str, Any] = _model_inputs(batch)
+    inner = unwrap(model)
+    base = inner.get_base_model() if callable(getattr(inner, "get_base_model", None)) else inner
+    if "position_ids" in batch and getattr(getattr(base, "config", None), "_attn_implementation", None) == PACKED:
+        inputs[SEQ_LENS_KWARG] = segment_lengths(batch["position_ids"])
+    return inputs
 
 
 def kept(x: torch.Tensor, batch: dict[str, torch.Tensor], cols_taken: bool) -> torch.Tensor:
@@ -45,7 +56,7 @@ def kept(x: torch.Tensor, batch: dict[str, torch.Tensor], cols_taken: bool) -> t
 def forward_kept_logits(model: Any, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """Logits (N, V) at the kept positions of a packed or padded batch, in `targets` order."""
     if "position_ids" in batch:
-        out = model(**_model_inputs(batch), logits_to_keep=batch["keep"], use_cache=False)
+        out = model(**_forward_inputs(model, batch), logits_to_keep=batch["keep"], use_cache=False)
         return kept(out.logits, batch, cols_taken=True)
     out = model(**_model_inputs(batch), use_cache=False)
     return kept(out.logits, batch, cols_taken=False)
@@ -56,7 +67,7 @@ def forward_kept_hidden(model: Any, batch: dict[str, torch.Tensor]) -> torch.Ten
     itself runs on no position. Through the whole (wrapped) model, not `backbone(model)`: DDP's forward is what
     prepares its gradient all-reduce."""
     none = torch.zeros(0, dtype=torch.long, device=batch["input_ids"].device)
-    out = model(**_model_inputs(batch), logits_to_keep=none, output_hidden_states=True, use_cache=False)
+    out = model(**_forward_inputs(model, batch), logits_to_keep=none, output_hidden_states=True, use_cache=False)
     return kept(out.hidden_states[-1], batch, cols_taken=False)
 
 
