@@ -10,9 +10,12 @@ def unwrap(model: Any) -> Any:
     return getattr(model, "module", model)
 
 
+def base_model(model: Any) -> Any:
+    """The transformers model under accelerate/DDP and PEFT wrappers (its config, its modules)."""
+    m = unwrap(model)
+    return m.get_base_model() if callable(getattr(m, "get_base_model", None)) else m
+
+
 def backbone(model: Any) -> Any:
     """The transformer body (no LM head); LoRA layers live inside it, so adapters apply."""
-    m = unwrap(model)
-    if hasattr(m, "get_base_model"):
-        m = m.get_base_model()
-    return m.base_model
+    return base_model(model).base_model

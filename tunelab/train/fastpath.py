@@ -29,6 +29,7 @@ import torch
 import torch.nn.functional as F
 
 from tunelab.config import RunConfig
+from tunelab.model.parts import base_model
 
 log = logging.getLogger(__name__)
 
@@ -83,7 +84,7 @@ def use_packed_attention(model: Any) -> bool:
     from transformers import AttentionInterface
     from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
 
-    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
+    base = base_model(model)
     config = getattr(base, "config", None)
     if config is None or getattr(config, "_attn_implementation", None) != "sdpa":
         return False
@@ -95,8 +96,7 @@ def use_packed_attention(model: Any) -> bool:
 
 def decoder_layers(model: Any) -> list[torch.nn.Module]:
     """The repeated blocks of a transformers decoder (under PEFT's wrappers): what torch.compile gets."""
-    base = model.get_base_model() if callable(getattr(model, "get_base_model", None)) else model
-    for mod in base.modules():
+    for mod in base_model(model).modules():
         layers = getattr(mod, "layers", None)
         if isinstance(layers, torch.nn.ModuleList) and len(layers) > 0:
             return list(layers)

@@ -20,7 +20,7 @@ from tunelab.data.packing import pack_rows, pad
 from tunelab.data.records import Conversation
 from tunelab.data.templates import Encoded, encode
 from tunelab.losses import linear_cross_entropy, sft_loss
-from tunelab.model.parts import unwrap
+from tunelab.model.parts import base_model, unwrap
 from tunelab.train.fastpath import PACKED, SEQ_LENS_KWARG, segment_lengths
 from tunelab.train.loop import Method
 
@@ -34,9 +34,8 @@ def _model_inputs(batch: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
 def _forward_inputs(model: Any, batch: dict[str, torch.Tensor]) -> dict[str, Any]:
     """`_model_inputs`, plus the packed rows' segment lengths for a model on packed attention (fastpath)."""
     inputs: dict[str, Any] = _model_inputs(batch)
-    inner = unwrap(model)
-    base = inner.get_base_model() if callable(getattr(inner, "get_base_model", None)) else inner
-    if "position_ids" in batch and getattr(getattr(base, "config", None), "_attn_implementation", None) == PACKED:
+    config = getattr(base_model(model), "config", None)
+    if "position_ids" in batch and getattr(config, "_attn_implementation", None) == PACKED:
         inputs[SEQ_LENS_KWARG] = segment_lengths(batch["position_ids"])
     return inputs
 
